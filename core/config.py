@@ -1,0 +1,274 @@
+"""The run configuration: one YAML file holding every knob of the seed notebook.
+
+Validation happens before any model loads: unknown keys and bad values are refused with the key's
+path and the closest valid key. Names that plugins provide (template, loader, backend, callbacks,
+export formats) are checked against the loaded plugins.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    #: a catalogue short name (`qtune models`), a hub id, or a local directory
+    name: str = "unsloth/Qwen2.5-7B"
+    #: auto: Unsloth when a CUDA GPU and unsloth are present, else transformers
+    backend: str = "auto"
+    max_seq_length: int = Field(2048, gt=0, le=1_048_576)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    load_in_4bit: bool = True
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, le=4096)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(default_factory=lambda: list(SEED_TARGET_MODULES), min_length=1)
+    #: true, false, or "unsloth" (Unsloth's offloaded checkpointing; plain checkpointing elsewhere)
+    gradient_checkpointing: Union[bool, Literal["unsloth"]] = "unsloth"
+    use_rslora: bool = False
+
+
+class DatasetConfig(Section):
+    #: a dataset loader name (`qtune plugins`); auto picks "files" for a local path, else "hub"
+    loader: str = "auto"
+    #: hub id or local file / directory
+    path: Optional[str] = "yahma/alpaca-cleaned"
+    #: hub dataset configuration name
+    subset: Optional[str] = None
+    split: str = "train"
+    #: template field -> column in the data
+    fields: dict[str, str] = Field(default_factory=dict)
+    #: use only the first N rows (after shuffling when shuffle is on)
+    limit: Optional[int] = Field(None, gt=0)
+    shuffle: bool = False
+    #: rows held out for evaluation (taken from the end, never trained on)
+    eval_size: int = Field(0, ge=0)
+    #: loader-specific settings (the demo task generator reads size and seed here)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingConfig(Section):
+    per_device_train_batch_size: int = Field(2, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    #: stop after this many optimizer steps; 0 or less trains num_train_epochs instead
+    max_steps: int = 60
+    num_train_epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, lt=1.0)
+    optim: str = "adamw_8bit"
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler_type: str = "linear"
+    seed: int = 3407
+    logging_steps: int = Field(1, gt=0)
+    packing: bool = False
+    train_on_responses_only: bool = False
+    #: runs are written to OUTPUT_DIR/RUN_NAME
+    output_dir: str = "runs"
+    #: save a resumable checkpoint every N steps (0: only at the end)
+    save_steps: int = Field(0, ge=0)
+    save_total_limit: Optional[int] = Field(2, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+
+
+class EvaluationConfig(Section):
+    #: generate answers for the held-out rows and score exact match, before and after training
+    exact_match: bool = False
+    before_training: bool = True
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class CallbackEntry(Section):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExportEntry(Section):
+    format: str
+    quant: Optional[str] = None
+    verify: bool = True
+
+
+class Config(Section):
+    #: the run's name; the run directory is training.output_dir/name (a timestamp when empty)
+    name: Optional[str] = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    template: str = "alpaca"
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    callbacks: list[CallbackEntry] = Field(default_factory=lambda: [CallbackEntry(name="memory_monitor")])
+    exports: list[ExportEntry] = Field(default_factory=list)
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callbacks_as_names(cls, value: Any) -> Any:
+        # `callbacks: [memory_monitor]` is shorthand for `[{name: memory_monitor}]`
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("exports", mode="before")
+    @classmethod
+    def _exports_as_formats(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"format": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Config":
+        if self.evaluation.exact_match and self.dataset.eval_size == 0:
+            raise ValueError("evaluation.exact_match needs held-out rows: set dataset.eval_size")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def seed_config() -> Config:
+    """The configuration of Unsloth's Qwen2.5-7B Alpaca notebook."""
+    return Config()
+
+
+def load_config(path: Union[str, Path, None], overrides: tuple[str, ...] = (), check_plugins: bool = True) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(Path(path))
+    for item in overrides:
+        apply_override(data, item)
+    config = validate(data)
+    if check_plugins:
+        check_plugin_names(config)
+    return config
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; create one with `qtune init {path}`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, lora:, ...), not a {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``--set key.path=value``; the value is parsed as YAML (``10``, ``true``, ``[a, b]``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} is not KEY=VALUE; write it like --set training.max_steps=10")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, data)) from None
+
+
+def describe_validation_error(exc: ValidationError, data: Any) -> str:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    path = ".".join(loc) or "config"
+    more = f" (and {exc.error_count() - 1} more problem{'s' if exc.error_count() > 2 else ''})" if exc.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"unknown config key {path!r}; {hint}{more}"
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+        return f"invalid config: {message}{more}"
+    return f"invalid value {shown} for {path!r}: {message}{more}"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        if inner:  # list[X] / Optional[X]
+            annotation = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def check_plugin_names(config: Config) -> None:
+    """Refuse names no loaded plugin provides (template, loader, backend, callbacks, exports)."""
+    from .plugin_manager import get_host, suggest
+
+    host = get_host()
+    checks = [
+        ("template", config.template, host.templates),
+        ("model.backend", config.model.backend, host.backends),
+    ]
+    if config.dataset.loader != "auto":
+        checks.append(("dataset.loader", config.dataset.loader, host.dataset_loaders))
+    checks += [(f"callbacks[{i}].name", c.name, host.callbacks) for i, c in enumerate(config.callbacks)]
+    checks += [(f"exports[{i}].format", e.format, host.exporters) for i, e in enumerate(config.exports)]
+    for path, name, registry in checks:
+        if name == "auto" and path == "model.backend":
+            continue
+        if name not in registry:
+            raise ConfigError(f"unknown {registry.kind} {name!r} at {path!r}{suggest(name, registry.items)}")
+    for i, entry in enumerate(config.exports):
+        exporter = host.exporters.get(entry.format)
+        if entry.quant is not None and entry.quant not in exporter.quantizations:
+            allowed = ", ".join(exporter.quantizations) or "none"
+            raise ConfigError(f"export format {entry.format!r} has no quantization {entry.quant!r} at 'exports[{i}].quant'; choose one of: {allowed}")

@@ -1,0 +1,180 @@
+"""The plugin manager: built-in plugins first, then installed ones from the ``qtune`` entry-point
+group, and registries filled through the hooks in :mod:`qtune.hookspecs`.
+
+Environment:
+  QTUNE_LOAD_PLUGINS   comma-separated entry-point or distribution names to load ("" loads none);
+                       unset loads every installed plugin
+  QTUNE_PLUGINS_DIR    a folder of ``*.py`` plugin modules to load as well (never loaded by default)
+  QTUNE_TRACE_PLUGINS  set to 1 to print every hook call with its arguments and results
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Generic, Iterator, TypeVar
+
+import pluggy
+
+from . import hookspecs
+from .errors import QtuneError
+
+# Built-in features are plugins too, registered through the same hooks as third-party ones.
+BUILTIN_PLUGINS = (
+    "qtune.plugins.templates",
+    "qtune.plugins.models",
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Named objects of one kind, with the plugin that registered each."""
+
+    kind: str
+    items: dict[str, T] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
+
+    def add(self, item: T, plugin: str) -> None:
+        name = getattr(item, "name", None)
+        if not isinstance(name, str) or not name:
+            raise QtuneError(f"plugin {plugin!r} registered a {self.kind} without a name; give it a `name` attribute")
+        if name in self.items:
+            raise QtuneError(
+                f"plugin {plugin!r} registers {self.kind} {name!r}, which plugin {self.owners[name]!r} "
+                f"already registered; rename one of them or set QTUNE_LOAD_PLUGINS to load only one"
+            )
+        self.items[name] = item
+        self.owners[name] = plugin
+
+    def get(self, name: str) -> T:
+        try:
+            return self.items[name]
+        except KeyError:
+            raise QtuneError(f"unknown {self.kind} {name!r}{suggest(name, self.items)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.items))
+
+
+def suggest(name: str, choices: Any) -> str:
+    """' (did you mean X?)' when a close choice exists, else the list of choices."""
+    import difflib
+
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; choose one of: {', '.join(choices)}" if choices else ""
+
+
+class PluginHost:
+    """A pluggy manager plus the registries its hooks fill. Built once per process by :func:`get_host`."""
+
+    def __init__(self, load_installed: bool = True) -> None:
+        self.pm = pluggy.PluginManager("qtune")
+        self.pm.add_hookspecs(hookspecs)
+        self.distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        for module_path in BUILTIN_PLUGINS:
+            self.pm.register(importlib.import_module(module_path), name=module_path)
+        if load_installed:
+            self._load_entry_points()
+            plugins_dir = os.environ.get("QTUNE_PLUGINS_DIR")
+            if plugins_dir:
+                self._load_directory(Path(plugins_dir))
+        if os.environ.get("QTUNE_TRACE_PLUGINS"):
+            self.pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+            self.pm.enable_tracing()
+        self.templates = self._collect("template", "register_templates")
+        self.dataset_loaders = self._collect("dataset loader", "register_dataset_loaders")
+        self.models = self._collect("model", "register_models")
+        self.backends = self._collect("backend", "register_backends")
+        self.callbacks = self._collect("callback", "register_callbacks")
+        self.exporters = self._collect("export format", "register_exporters")
+
+    def _load_entry_points(self) -> None:
+        wanted = os.environ.get("QTUNE_LOAD_PLUGINS")
+        allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+        for ep in entry_points(group="qtune"):
+            dist = ep.dist.name if ep.dist else "unknown"
+            if allowed is not None and ep.name not in allowed and dist not in allowed:
+                continue
+            if self.pm.has_plugin(ep.name):
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # any failure while importing third-party code
+                raise QtuneError(
+                    f"plugin {ep.name!r} (distribution {dist}) failed to load: {type(exc).__name__}: {exc}; "
+                    f"fix it, `pip uninstall {dist}`, or leave it out with QTUNE_LOAD_PLUGINS"
+                ) from exc
+            self.pm.register(module, name=ep.name)
+            self.distributions[ep.name] = (dist, ep.dist.version if ep.dist else "")
+
+    def _load_directory(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise QtuneError(f"QTUNE_PLUGINS_DIR {str(folder)!r} is not a directory; point it at a folder of plugin .py files")
+        for path in sorted(folder.glob("*.py")):
+            name = f"qtune_local_plugin_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                raise QtuneError(f"plugin file {str(path)!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            self.pm.register(module, name=str(path))
+            self.distributions[str(path)] = ("(plugin dir)", "")
+
+    def _collect(self, kind: str, hook_name: str) -> Registry:
+        registry: Registry = Registry(kind)
+        caller = getattr(self.pm.hook, hook_name)
+        # Call each implementation on its own so the registry knows which plugin registered what.
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                impl.function(register=lambda item, _p=impl.plugin_name: registry.add(item, _p))
+            except QtuneError:
+                raise
+            except Exception as exc:
+                raise QtuneError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+        return registry
+
+    def plugin_rows(self) -> list[dict[str, Any]]:
+        """One row per plugin: name, distribution, version, hooks it implements."""
+        rows = []
+        for name, plugin in self.pm.list_name_plugin():
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            dist, version = self.distributions.get(name, ("qtune (built-in)", _qtune_version()))
+            rows.append({"name": name, "distribution": dist, "version": version, "hooks": hooks})
+        return sorted(rows, key=lambda r: (r["distribution"] != "qtune (built-in)", r["name"]))
+
+
+def _qtune_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+_host: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    global _host
+    if _host is None:
+        _host = PluginHost()
+    return _host
+
+
+def reset_host() -> None:
+    """Forget the loaded plugins (tests use this after changing QTUNE_LOAD_PLUGINS)."""
+    global _host
+    _host = None

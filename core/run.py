@@ -1,0 +1,100 @@
+"""Run directories: what a training run writes, and how later commands (generate, export) open it.
+
+Layout of ``OUTPUT_DIR/NAME/``::
+
+    config.yaml      the resolved config the run used
+    metrics.jsonl    one JSON record per logged step or evaluation
+    summary.json     final figures (memory, evaluation, timings), written when the run ends
+    adapter/         the LoRA adapter and tokenizer, in peft's format
+    checkpoints/     resumable trainer checkpoints (training.save_steps)
+    exports/         one folder per exported format
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, validate
+from .errors import QtuneError
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class RunContext:
+    """What callbacks see during a run. ``summary`` entries are printed and saved at the end."""
+
+    config: Config
+    run_dir: Path
+    console: Any  # rich.console.Console
+    backend_name: str = ""
+    model_path: str = ""
+    model: Any = None
+    tokenizer: Any = None
+    total_steps: int = 0
+    device: str = "cpu"
+    summary: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time() - self.started_at, 3), **record}
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class FinishedRun:
+    """A run directory opened for generation or export."""
+
+    run_dir: Path
+    config: Config
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "FinishedRun":
+        run_dir = Path(run_dir)
+        config_file = run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise QtuneError(f"{str(run_dir)!r} is not a qtune run directory (no config.yaml); pass the folder `qtune run` printed")
+        import yaml
+
+        config = validate(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+        run = cls(run_dir, config)
+        if not (run.adapter_dir / "adapter_config.json").is_file():
+            raise QtuneError(f"run {str(run_dir)!r} has no trained adapter (adapter/adapter_config.json); finish or resume the run first")
+        return run
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / ADAPTER_DIR
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.run_dir / "exports"
+
+    @property
+    def template(self):
+        from .plugin_manager import get_host
+
+        return get_host().templates.get(self.config.template)
+
+    def model_path(self) -> str:
+        from .models import resolve_model
+
+        return resolve_model(self.config.model.name)
+
+    def backend(self):
+        from .backends import choose_backend
+
+        return choose_backend(self.config)
+
+    def load_trained(self) -> tuple[Any, Any]:
+        """The base model with the trained adapter, and the tokenizer saved with the run."""
+        return self.backend().load_trained(self.config, self.model_path(), self.adapter_dir)
+
+    def summary(self) -> dict[str, Any]:
+        path = self.run_dir / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
