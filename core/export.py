@@ -1,0 +1,221 @@
+"""Exporting a finished run: pick the exporter plugin, write atomically, verify, record.
+
+``export_run`` serves ``qtune export RUN_DIR --format F`` and ``run_exports`` the config's
+``exports:`` list after training. Every export is written to ``RUN_DIR/exports/FORMAT[-QUANT]/``
+(or ``out``) through :func:`qtune.fsutil.atomic_dir`, timed, optionally verified in its target
+runtime, and recorded in ``RUN_DIR/exports/exports.json`` and under ``exports`` in summary.json.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .errors import QtuneError
+from .fsutil import atomic_file
+from .types import Exporter, ExportResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import ExportEntry
+    from .run import FinishedRun
+
+EXPORTS_RECORD = "exports.json"
+
+
+def normalize_format(name: str) -> str:
+    """Format names are case-insensitive and ``_`` equals ``-`` (the seed's ``merged_16bit``)."""
+    return name.strip().lower().replace("_", "-")
+
+
+def get_exporter(fmt: str) -> Exporter:
+    from .plugin_manager import get_host
+
+    exporters = get_host().exporters
+    name = normalize_format(fmt)
+    if name not in exporters and fmt in exporters:
+        name = fmt
+    exporter = exporters.get(name)  # QtuneError naming the closest format
+    reason = exporter.unavailable_reason()
+    if reason:
+        raise QtuneError(f"export format {exporter.name!r} cannot run here: {reason}")
+    return exporter
+
+
+def normalize_quant(exporter: Exporter, quant: str | None) -> str | None:
+    """The exporter's spelling of ``quant`` (aliases and case allowed), its default when None."""
+    if quant is None:
+        return exporter.default_quantization
+    if not exporter.quantizations:
+        raise QtuneError(f"export format {exporter.name!r} takes no --quant; leave it out")
+    aliases = {k.lower(): v for k, v in getattr(exporter, "quantization_aliases", {}).items()}
+    key = quant.strip().lower()
+    key = aliases.get(key, key)
+    if key not in exporter.quantizations:
+        for known in exporter.quantizations:
+            if known.lower() == key:
+                return known
+        raise QtuneError(
+            f"export format {exporter.name!r} has no quantization {quant!r}; choose one of: {', '.join(exporter.quantizations)}"
+        )
+    return key
+
+
+def default_out_dir(run: "FinishedRun", exporter: Exporter, quant: str | None) -> Path:
+    return run.exports_dir / (exporter.name if quant is None else f"{exporter.name}-{quant}")
+
+
+def _supports_verify(exporter: Exporter) -> bool:
+    return type(exporter).verify is not Exporter.verify
+
+
+def _call_export(exporter: Exporter, run, out_dir: Path, quant: str | None, options: dict[str, Any]) -> ExportResult:
+    options = {k: v for k, v in options.items() if v is not None}
+    if options:
+        parameters = inspect.signature(exporter.export).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        refused = [k for k in options if not takes_any and k not in parameters]
+        if refused:
+            flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+            raise QtuneError(f"export format {exporter.name!r} does not take {flags}; leave it out")
+    return exporter.export(run, out_dir, quant, **options)
+
+
+def export_run(
+    run: "FinishedRun",
+    fmt: str,
+    quant: str | None = None,
+    verify: bool = True,
+    out: str | Path | None = None,
+    console: Any = None,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+) -> ExportResult:
+    """Export ``run`` in format ``fmt`` and return the result (``details`` holds timings, size, verify).
+
+    ``options`` go to exporters whose ``export`` accepts them (built-ins: ``llama_cpp_dir`` for gguf,
+    ``max_shard_size`` for merged-16bit). ``overwrite`` replaces an existing output folder, which is
+    kept until the new export has been written. Raises :class:`QtuneError` when verification fails
+    (after recording the report).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True, highlight=False)
+    exporter = get_exporter(fmt)
+    quant = normalize_quant(exporter, quant)
+    out_dir = Path(out).expanduser() if out is not None else default_out_dir(run, exporter, quant)
+    label = exporter.name + (f" ({quant})" if quant else "")
+    backup = None
+    if out_dir.exists():
+        if not overwrite:
+            raise QtuneError(f"{str(out_dir)!r} already exists; remove it, pass --force to replace it, or choose --out")
+        backup = out_dir.parent / f".{out_dir.name}.previous-{os.getpid()}"
+        os.replace(out_dir, backup)
+    started = time.perf_counter()
+    try:
+        with console.status(f"exporting {label} to {out_dir} ..."):
+            result = _call_export(exporter, run, out_dir, quant, options)
+    except BaseException:
+        if backup is not None and not out_dir.exists():
+            os.replace(backup, out_dir)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    if not Path(result.path).exists():
+        raise QtuneError(f"exporter {exporter.name!r} reported {str(result.path)!r}, which does not exist; the plugin is broken")
+    if not result.files:
+        result.files = sorted(p for p in Path(result.path).rglob("*") if p.is_file()) if Path(result.path).is_dir() else [Path(result.path)]
+    result.details.setdefault("quant", quant)
+    result.details["seconds"] = round(time.perf_counter() - started, 2)
+    result.details["bytes"] = sum(p.stat().st_size for p in result.files if p.is_file())
+    console.print(f"exported [bold]{label}[/] to {result.path} ({_size(result.details['bytes'])}, {result.details['seconds']:.1f} s)")
+
+    report = None
+    if verify:
+        if _supports_verify(exporter):
+            with console.status(f"verifying {label} ..."):
+                report = exporter.verify(run, result)
+            if report is not None:
+                if hasattr(report, "table"):
+                    console.print(report.table())
+                result.details["verify"] = report.to_dict() if hasattr(report, "to_dict") else report
+        else:
+            result.details["verify"] = None
+            console.print(f"[dim]format {exporter.name!r} has no verification; skipped[/]")
+    record_export(run, result)
+    if report is not None and hasattr(report, "raise_if_failed"):
+        report.raise_if_failed(result.path)
+    return result
+
+
+def result_record(result: ExportResult) -> dict[str, Any]:
+    base = Path(result.path)
+    return {
+        "format": result.format,
+        "path": str(base),
+        "files": [str(p.relative_to(base)) if base.is_dir() and p.is_relative_to(base) else str(p) for p in result.files],
+        **result.details,
+    }
+
+
+def record_export(run: "FinishedRun", result: ExportResult) -> None:
+    """Add ``result`` to RUN_DIR/exports/exports.json and to summary.json's ``exports``, keyed by folder."""
+    key = Path(result.path).name
+    record = json.loads(json.dumps(result_record(result), default=str))
+    record_file = run.exports_dir / EXPORTS_RECORD
+    records = _read_json(record_file)
+    records[key] = record
+    with atomic_file(record_file) as handle:
+        json.dump(records, handle, indent=2)
+    summary_file = run.run_dir / "summary.json"
+    if summary_file.is_file():
+        summary = _read_json(summary_file)
+        exports = summary.get("exports")
+        if not isinstance(exports, dict):
+            exports = {}
+        exports[key] = record
+        summary["exports"] = exports
+        with atomic_file(summary_file) as handle:
+            json.dump(summary, handle, indent=2, default=str)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_exports(run: "FinishedRun", entries: Iterable["ExportEntry"], console: Any = None) -> dict[str, Any]:
+    """The config's ``exports:`` list, in order; returns ``{folder name: record}`` for the summary.
+
+    Each entry is checked (format, quantization) before the first export starts. A failed export
+    (including failed verification) stops the list with its QtuneError.
+    """
+    entries = list(entries)
+    plan = []
+    for index, entry in enumerate(entries):
+        try:
+            exporter = get_exporter(entry.format)
+            plan.append((exporter, normalize_quant(exporter, entry.quant), entry.verify))
+        except QtuneError as error:
+            raise QtuneError(f"exports[{index}]: {error}") from None
+    records: dict[str, Any] = {}
+    for exporter, quant, verify in plan:
+        result = export_run(run, exporter.name, quant, verify, console=console)
+        records[Path(result.path).name] = result_record(result)
+    return json.loads(json.dumps(records, default=str))
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"

@@ -1,0 +1,297 @@
+"""Training profiles and the GPU-memory estimate they are sized with.
+
+``training.profile`` names a profile; :func:`apply_profile` turns the config into the one that runs:
+
+``seed``
+    The config as written: Unsloth's Qwen2.5-7B Alpaca notebook unless you changed a knob.
+
+``fast``
+    Maximises non-pad tokens per second within the GPU's memory:
+
+    * packing on (trl's ``bfd`` strategy: padding-free batches whose ``position_ids`` restart at 0
+      for every example, so no example attends to another; the loss is still the mean over the
+      batch's trained tokens, as in the seed);
+    * a micro-batch of :data:`FAST_TOKENS_PER_MICROBATCH` tokens (8 packed rows at 2048): on an
+      H200, 16 rows of 2048 ran no faster than 8 (FACTS.md), so bigger micro-batches only cost
+      memory;
+    * gradient checkpointing off when :func:`estimate_memory_gib` says the whole micro-batch's
+      activations fit in the card's memory (9.0x the seed's tokens/s on an H200, against 7.4x with
+      checkpointing kept on);
+    * gradient accumulation chosen so that an optimizer step still holds the seed's token capacity
+      (``batch x accumulation x max_seq_length``, 2 x 4 x 2048 = 16,384 tokens): packed rows fill
+      that capacity with real tokens where the seed's padded rows mostly held padding, so an
+      optimizer step sees more examples (about 8x on Alpaca, whose examples average ~200 tokens).
+      ``max_steps`` is kept: a fast run of N steps trains on more data than a seed run of N steps.
+
+Nothing here imports torch: the estimate is arithmetic on the model's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
+
+PROFILES = ("seed", "fast")
+
+#: tokens per micro-batch the fast profile aims for (8 rows of 2048; more ran no faster on an H200)
+FAST_TOKENS_PER_MICROBATCH = 16_384
+#: share of the card's memory the fast profile plans to fill; the rest is left to the allocator's
+#: fragmentation, the CUDA context and kernels' workspaces
+MEMORY_HEADROOM_FRACTION = 0.90
+#: a gradient-checkpointing-off micro-batch must hold at least this share of the target tokens to
+#: be chosen over checkpointing with the full target (a tiny un-checkpointed batch is slower)
+MIN_NO_CHECKPOINT_SHARE = 0.5
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that its memory use depends on."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: Optional[int] = None
+    tied_embeddings: bool = False
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings plus the output head (once when they are tied)."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        """The 7 projections of one layer (q, k, v, o, gate, up, down); norms and biases are noise."""
+        q = self.heads * self.dim_per_head
+        kv = self.kv_heads * self.dim_per_head
+        attention = self.hidden * q + 2 * self.hidden * kv + q * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return attention + mlp
+
+    @property
+    def params(self) -> int:
+        return self.embedding_params + self.layers * self.linear_params_per_layer
+
+    def lora_params(self, r: int, target_modules: Optional[list[str]] = None) -> int:
+        """Parameters of rank-``r`` LoRA adapters on ``target_modules`` (default: all 7 projections)."""
+        q = self.heads * self.dim_per_head
+        kv = self.kv_heads * self.dim_per_head
+        shapes = {  # in, out
+            "q_proj": (self.hidden, q),
+            "k_proj": (self.hidden, kv),
+            "v_proj": (self.hidden, kv),
+            "o_proj": (q, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }
+        names = list(shapes) if target_modules is None else [m for m in target_modules if m in shapes]
+        return self.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in names)
+
+    @classmethod
+    def from_hf_config(cls, data: Mapping[str, Any]) -> "ModelShape":
+        """From a ``config.json`` mapping (its ``text_config`` for multimodal checkpoints)."""
+        data = data.get("text_config") or data
+        heads = int(data["num_attention_heads"])
+        return cls(
+            vocab=int(data["vocab_size"]),
+            hidden=int(data["hidden_size"]),
+            layers=int(data["num_hidden_layers"]),
+            intermediate=int(data["intermediate_size"]),
+            heads=heads,
+            kv_heads=int(data.get("num_key_value_heads") or heads),
+            head_dim=data.get("head_dim"),
+            tied_embeddings=bool(data.get("tie_word_embeddings", False)),
+        )
+
+
+# --- the memory estimate -------------------------------------------------------------------------
+
+#: bytes a 4-bit NF4 weight takes: 4 bits + one 8-bit absmax per 64 weights + one fp32 scale per
+#: 256 absmax blocks (bitsandbytes' double quantization)
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+#: LoRA parameter: fp32 weight (4) + fp32 gradient (4) + two 8-bit AdamW states (2)
+LORA_BYTES_PER_PARAM = 10
+#: activations one decoder layer keeps per token, in 16-bit values: a few x hidden (attention inputs
+#: and outputs, residual, norms) + a few x intermediate (gate, up, their product). Fitted to FACTS.md:
+#: Qwen2.5-7B with checkpointing off grew 3.55 MiB per micro-batch token (8 -> 16 packed rows of 2048);
+#: these constants give 3.58.
+LAYER_VALUES_PER_TOKEN = (3.5, 2.8)  # (x hidden, x intermediate)
+#: bytes of logits per token: Unsloth's chunked cross-entropy keeps a slice of the fp32 logits
+#: (about vocab x 0.5 bytes a token); transformers materialises bf16 logits and an fp32 copy (x 6)
+LOGIT_BYTES_PER_VOCAB = {"unsloth": 0.5, "transformers": 6.0}
+#: plain transformers (no fused kernels) keeps more per layer than Unsloth
+LAYER_FACTOR = {"unsloth": 1.0, "transformers": 1.5}
+#: CUDA context, cuBLAS workspaces and allocator slack, GiB
+FIXED_OVERHEAD_GIB = 0.5
+
+
+def estimate_memory_gib(
+    shape: ModelShape,
+    tokens_per_microbatch: int,
+    gradient_checkpointing: Union[bool, str] = "unsloth",
+    lora_r: int = 16,
+    target_modules: Optional[list[str]] = None,
+    load_in_4bit: bool = True,
+    backend: str = "unsloth",
+) -> float:
+    """Peak GPU memory (GiB) to fine-tune ``shape`` with LoRA on micro-batches of ``tokens_per_microbatch``.
+
+    The sum of five terms, each a count times a documented size::
+
+        frozen weights   linear params x 0.516 bytes (NF4 + double-quant scales), or x 2 in 16-bit,
+                         + embeddings and head x 2 bytes (they stay 16-bit under QLoRA)
+        LoRA             r x (in + out) per target projection x 10 bytes
+                         (fp32 weight + fp32 gradient + two 8-bit AdamW states)
+        activations      per token, one layer keeps 2 bytes x (3.5 x hidden + 2.8 x intermediate):
+                           checkpointing "unsloth": one layer's worth (inputs are offloaded to host)
+                           checkpointing True:      one layer + every layer's 16-bit input
+                           checkpointing off:       every layer's worth
+        logits           per token, vocab x 0.5 bytes (Unsloth's chunked loss; x 6 without it)
+        overhead         0.5 GiB, and 5% of the total for allocator fragmentation
+
+    Checked against FACTS.md (Qwen2.5-7B, H200, peak reserved): 6.45 GiB for the seed's 2 x
+    267-token micro-batch (measured 6.25), 9.66 for 8 packed rows of 2048 with checkpointing (9.2),
+    66.4 without (63.8) and 126.5 for 16 rows without (122): 3-5% high, the safe side.
+    """
+    linear = shape.layers * shape.linear_params_per_layer
+    weights = linear * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0) + shape.embedding_params * 2.0
+    lora = shape.lora_params(lora_r, target_modules) * LORA_BYTES_PER_PARAM
+    a_hidden, a_inter = LAYER_VALUES_PER_TOKEN
+    layer = 2.0 * (a_hidden * shape.hidden + a_inter * shape.intermediate) * LAYER_FACTOR.get(backend, 1.5)
+    if gradient_checkpointing is False:
+        per_token = shape.layers * layer
+    elif gradient_checkpointing == "unsloth" and backend == "unsloth":
+        per_token = layer
+    else:
+        per_token = layer + shape.layers * shape.hidden * 2.0
+    per_token += shape.vocab * LOGIT_BYTES_PER_VOCAB.get(backend, 6.0)
+    total = weights + lora + tokens_per_microbatch * per_token
+    return round((total / GIB + FIXED_OVERHEAD_GIB) * 1.05, 2)
+
+
+def seed_memory_gib(shape: ModelShape) -> float:
+    """The catalogue's figure: QLoRA r16 on the 7 projections, 2 x 2048-token micro-batches, Unsloth's
+    offloaded checkpointing (the seed notebook's settings at full sequence length)."""
+    return estimate_memory_gib(shape, tokens_per_microbatch=2 * 2048)
+
+
+# --- finding the shape of the configured model ---------------------------------------------------
+
+
+def model_shape_for(name: str) -> Optional[ModelShape]:
+    """The shape of ``name`` (a local folder, a catalogue name or a hub id) without loading weights:
+    a catalogue entry's ``shape``, else a local or cached ``config.json``; None when none is at hand
+    (no network call is made)."""
+    expanded = os.path.expanduser(name)
+    if Path(expanded).is_dir():
+        return _shape_from_file(Path(expanded) / "config.json")
+    repo = name
+    try:
+        from .plugin_manager import get_host
+
+        models = get_host().models
+        entry = models.items.get(name) or models.items.get(name.lower())
+    except Exception:  # a broken plugin must not stop a shape lookup; the caller falls back
+        entry = None
+    if entry is not None:
+        shape = getattr(entry, "shape", None)
+        if isinstance(shape, ModelShape):
+            return shape
+        if entry.source is None:
+            return None
+        repo = entry.source
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "config.json")
+    except Exception:
+        return None
+    return _shape_from_file(Path(cached)) if isinstance(cached, str) else None
+
+
+def _shape_from_file(path: Path) -> Optional[ModelShape]:
+    try:
+        return ModelShape.from_hf_config(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --- profiles ------------------------------------------------------------------------------------
+
+
+def apply_profile(
+    config: "Config",
+    gpu_total_gib: Optional[float],
+    shape: Optional[ModelShape] = None,
+    backend: str = "unsloth",
+) -> "Config":
+    """Return a copy of ``config`` with ``config.training.profile`` applied (see the module doc).
+
+    ``gpu_total_gib`` is the card's memory (None on CPU: the fast profile then packs and sizes the
+    micro-batch by tokens, but leaves gradient checkpointing as configured). ``shape`` defaults to
+    :func:`model_shape_for` of ``config.model.name``; without one the fast profile keeps
+    checkpointing on, which fits wherever the seed fits. ``backend`` is the backend that will run
+    ("unsloth" or "transformers"); the estimate for plain transformers is more cautious.
+    """
+    profile = getattr(config.training, "profile", "seed")
+    new = config.model_copy(deep=True)
+    if profile == "seed":
+        return new
+    if profile != "fast":
+        raise ValueError(f"unknown training.profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+
+    seq = config.model.max_seq_length
+    train = config.training
+    target_rows = max(1, FAST_TOKENS_PER_MICROBATCH // seq)
+    rows, checkpointing = target_rows, config.lora.gradient_checkpointing
+    if shape is None:
+        shape = model_shape_for(config.model.name)
+    if gpu_total_gib is not None and shape is not None:
+        budget = gpu_total_gib * MEMORY_HEADROOM_FRACTION
+
+        def fits(n: int, ckpt: Union[bool, str]) -> bool:
+            need = estimate_memory_gib(
+                shape, n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit, backend
+            )
+            return need <= budget
+
+        no_ckpt_rows = next((n for n in range(target_rows, 0, -1) if fits(n, False)), 0)
+        if no_ckpt_rows and no_ckpt_rows >= max(1, math.ceil(target_rows * MIN_NO_CHECKPOINT_SHARE)):
+            rows, checkpointing = no_ckpt_rows, False
+        else:
+            if checkpointing is False:
+                checkpointing = "unsloth"
+            rows = next((n for n in range(target_rows, 0, -1) if fits(n, checkpointing)), 1)
+    seed_capacity = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    new.training.packing = True
+    new.training.per_device_train_batch_size = rows
+    new.training.gradient_accumulation_steps = max(1, round(seed_capacity / rows))
+    new.lora.gradient_checkpointing = checkpointing
+    return new
+
+
+def profile_changes(before: "Config", after: "Config") -> list[str]:
+    """``["training.packing: False -> True", ...]`` for the settings a profile changed."""
+    changes = []
+    for section in ("model", "lora", "training"):
+        old, new = getattr(before, section).model_dump(), getattr(after, section).model_dump()
+        for key, value in new.items():
+            if old.get(key) != value:
+                changes.append(f"{section}.{key}: {old.get(key)!r} -> {value!r}")
+    return changes

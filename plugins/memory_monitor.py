@@ -1,0 +1,89 @@
+"""The memory report of the seed notebook: GPU memory reserved at start and at peak, the part used
+by training, and each as a share of the card. On CPU it reports the process's resident memory."""
+
+from __future__ import annotations
+
+import resource
+
+from qtune import hookimpl
+from qtune.types import TrainingCallback
+
+GIB = 1024**3
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def current_memory_gib() -> float:
+    """GPU memory reserved by torch now, or the process's resident memory on CPU."""
+    cuda = _cuda()
+    if cuda is not None:
+        return cuda.memory_reserved() / GIB
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / GIB
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+
+
+class MemoryMonitor(TrainingCallback):
+    name = "memory_monitor"
+    description = "GPU memory reserved at start and at peak, training's share (process RSS on CPU)"
+
+    def on_train_start(self, run):
+        cuda = _cuda()
+        if cuda is not None:
+            props = cuda.get_device_properties(0)
+            self.total = props.total_memory / GIB
+            self.start = cuda.max_memory_reserved() / GIB
+            run.console.print(f"GPU = {props.name}. Max memory = {self.total:.3f} GB.")
+            run.console.print(f"{self.start:.3f} GB of memory reserved.")
+        else:
+            self.total = None
+            self.start = current_memory_gib()
+            run.console.print(f"CPU training. {self.start:.3f} GB resident at start.")
+
+    def on_train_end(self, run):
+        cuda = _cuda()
+        if cuda is not None:
+            peak = cuda.max_memory_reserved() / GIB
+            report = {
+                "device": cuda.get_device_name(0),
+                "total_gib": round(self.total, 3),
+                "start_reserved_gib": round(self.start, 3),
+                "peak_reserved_gib": round(peak, 3),
+                "training_reserved_gib": round(peak - self.start, 3),
+                "peak_percent": round(100 * peak / self.total, 3),
+                "training_percent": round(100 * (peak - self.start) / self.total, 3),
+            }
+            lines = [
+                f"Peak reserved memory = {peak:.3f} GB.",
+                f"Peak reserved memory for training = {peak - self.start:.3f} GB.",
+                f"Peak reserved memory % of max memory = {report['peak_percent']} %.",
+                f"Peak reserved memory for training % of max memory = {report['training_percent']} %.",
+            ]
+        else:
+            peak = peak_rss_gib()
+            report = {
+                "device": "cpu",
+                "start_rss_gib": round(self.start, 3),
+                "peak_rss_gib": round(peak, 3),
+                "training_rss_gib": round(max(peak - self.start, 0.0), 3),
+            }
+            lines = [f"Peak resident memory = {peak:.3f} GB ({max(peak - self.start, 0.0):.3f} GB more than at start)."]
+        runtime = run.summary.get("train_runtime_s")
+        if runtime is not None:
+            lines.insert(0, f"{runtime} seconds used for training ({runtime / 60:.2f} minutes).")
+        for line in lines:
+            run.console.print(line)
+        run.summary["memory"] = report
+
+
+@hookimpl
+def register_callbacks(register):
+    register(MemoryMonitor)

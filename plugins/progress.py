@@ -1,0 +1,66 @@
+"""Live training progress with Rich: step of total, loss, learning rate, tokens/s, ETA, memory."""
+
+from __future__ import annotations
+
+from qtune import hookimpl
+from qtune.types import TrainingCallback
+
+
+class RichProgress(TrainingCallback):
+    name = "rich_progress"
+    description = "live Rich progress bar (step, loss, learning rate, tokens/s, ETA, memory)"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.progress = None
+
+    def on_train_start(self, run):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("mem {task.fields[mem]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=run.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=run.total_steps or None, loss="-", lr="-", tps="-", mem="-")
+        self.progress.start()
+
+    def on_step_end(self, run, step, metrics):
+        if self.progress is None:
+            return
+        from qtune.plugins.memory_monitor import current_memory_gib
+
+        tps = metrics.get("tokens_per_second")
+        self.progress.update(
+            self.task,
+            completed=step,
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{metrics['learning_rate']:.2e}",
+            tps=f"{tps:,.0f}" if tps else "-",
+            mem=f"{current_memory_gib():.2f} GiB",
+        )
+
+    def _stop(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def on_train_end(self, run):
+        self._stop()
+
+    def on_error(self, run, error):
+        self._stop()
+
+
+@hookimpl
+def register_callbacks(register):
+    register(RichProgress)

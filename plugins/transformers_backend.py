@@ -1,0 +1,107 @@
+"""The transformers + peft backend: runs anywhere torch runs (4-bit through bitsandbytes on CUDA,
+plain weights on CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from qtune import hookimpl
+from qtune.types import Backend
+
+
+def resolve_dtype(name: str):
+    """The torch dtype for model.dtype: auto is bf16 where the GPU supports it, fp16 on older GPUs,
+    and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    description = "transformers + peft (+ bitsandbytes 4-bit on CUDA); CPU and any GPU"
+
+    def unavailable_reason(self, config):
+        for module in ("torch", "transformers", "peft"):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed"
+        return None
+
+    def _quantization(self, config, dtype):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if not (config.model.load_in_4bit and torch.cuda.is_available()):
+            return None
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+
+    def load(self, config, model_path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = resolve_dtype(config.model.dtype)
+        quantization = self._quantization(config, dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": 0} if torch.cuda.is_available() else None,
+            trust_remote_code=config.model.trust_remote_code,
+            use_safetensors=True,  # never unpickle .bin weights
+            attn_implementation="sdpa",
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        return model, tokenizer
+
+    def add_lora(self, model, config):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        checkpointing = config.lora.gradient_checkpointing is not False
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif checkpointing:
+            # "unsloth" checkpointing is Unsloth's; here it means torch's non-reentrant checkpointing.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            bias=config.lora.bias,
+            target_modules=list(config.lora.target_modules),
+            use_rslora=config.lora.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+
+    def load_trained(self, config, model_path, adapter_dir: Path):
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        model, _ = self.load(config, model_path)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        return model, tokenizer
+
+    def for_inference(self, model):
+        model.eval()
+        return model
+
+
+@hookimpl
+def register_backends(register):
+    register(TransformersBackend())

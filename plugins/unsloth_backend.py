@@ -1,0 +1,141 @@
+"""The Unsloth backend: Unsloth's FastLanguageModel, exactly as the seed notebook calls it.
+
+Importing this module is cheap: ``unsloth`` is imported inside :meth:`UnslothBackend.load`, and that
+must happen before trl, transformers or peft are imported in the process, because ``import unsloth``
+patches them (its fused kernels, padding-free batching and SFTTrainer changes apply only to modules
+imported after it). The pipeline therefore loads the model before it imports trl.
+
+On a machine without a CUDA GPU Unsloth falls back to plain transformers + peft + trl on the CPU
+(slow, but the same calls); qtune only allows that when ``QTUNE_UNSLOTH_ALLOW_CPU=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from qtune import hookimpl
+from qtune.types import Backend
+
+ALLOW_CPU_ENV = "QTUNE_UNSLOTH_ALLOW_CPU"
+#: modules that ``import unsloth`` patches; importing any of them first loses Unsloth's optimizations
+PATCHED_MODULES = ("trl", "transformers", "peft")
+
+
+def gradient_checkpointing_arg(value):
+    """config.lora.gradient_checkpointing as get_peft_model takes it: "unsloth", True or False."""
+    return "unsloth" if value == "unsloth" else bool(value)
+
+
+def torch_dtype(name: str):
+    """None lets Unsloth choose (bf16 where the GPU supports it, else fp16), as the notebook's dtype=None."""
+    if name == "auto":
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def import_unsloth():
+    """``import unsloth`` (first, see the module doc) and return its FastLanguageModel."""
+    if "unsloth" not in sys.modules:
+        early = [m for m in PATCHED_MODULES if m in sys.modules]
+        if early:
+            warnings.warn(
+                f"{', '.join(early)} was imported before unsloth; Unsloth's patches may not apply. "
+                "Load the model through the backend before importing trl/transformers/peft.",
+                stacklevel=3,
+            )
+    import unsloth  # noqa: F401  (must precede trl/transformers/peft: it patches them)
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel
+
+
+class UnslothBackend(Backend):
+    name = "unsloth"
+    description = "Unsloth's FastLanguageModel (fused kernels, 4-bit, padding-free); NVIDIA GPUs"
+    patches_trainer = True
+
+    def unavailable_reason(self, config):
+        if importlib.util.find_spec("unsloth") is None:
+            return "unsloth is not installed (pip install 'qtune[gpu]')"
+        if os.environ.get(ALLOW_CPU_ENV) == "1":
+            return None
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed"
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"no CUDA GPU found (Unsloth trains on NVIDIA GPUs; {ALLOW_CPU_ENV}=1 forces its slow CPU fallback)"
+        return None
+
+    def _from_pretrained(self, config, model_name: str):
+        FastLanguageModel = import_unsloth()
+        return FastLanguageModel.from_pretrained(
+            model_name=model_name,
+            max_seq_length=config.model.max_seq_length,
+            dtype=torch_dtype(config.model.dtype),
+            load_in_4bit=config.model.load_in_4bit,
+            use_gradient_checkpointing=gradient_checkpointing_arg(config.lora.gradient_checkpointing),
+            **({"trust_remote_code": True} if config.model.trust_remote_code else {}),
+        )
+
+    def load(self, config, model_path):
+        return self._from_pretrained(config, model_path)
+
+    def add_lora(self, model, config):
+        FastLanguageModel = import_unsloth()
+        lora = config.lora
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            target_modules=list(lora.target_modules),
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias=lora.bias,
+            use_gradient_checkpointing=gradient_checkpointing_arg(lora.gradient_checkpointing),
+            random_state=config.training.seed,  # seeds the LoRA weights' initialisation
+            use_rslora=lora.use_rslora,
+            loftq_config=None,
+        )
+
+    def load_trained(self, config, model_path, adapter_dir: Path):
+        adapter_dir = Path(adapter_dir)
+        base = _adapter_base(adapter_dir)
+        if base is not None and base == model_path:
+            # Unsloth's own path: from_pretrained on an adapter folder loads its base, then the adapter.
+            return self._from_pretrained(config, str(adapter_dir))
+        # The adapter names another path for its base (the base moved, or a catalogue name resolved
+        # elsewhere): load the base given here and put the adapter on it.
+        model, tokenizer = self.load(config, model_path)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        return model, tokenizer
+
+    def for_inference(self, model):
+        FastLanguageModel = import_unsloth()
+        FastLanguageModel.for_inference(model)
+        return model
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    try:
+        data = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("base_model_name_or_path")
+
+
+@hookimpl
+def register_backends(register):
+    register(UnslothBackend())

@@ -1,0 +1,235 @@
+"""The `qtune` command line. Heavy libraries load inside the commands that need them, so
+`qtune --help` stays fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from qtune import __version__
+from qtune.errors import QtuneError
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+class QtuneGroup(click.Group):
+    """Turns a :class:`QtuneError` into click's one-line ``Error: ...`` and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QtuneError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=QtuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qtune")
+def cli():
+    """Fine-tune causal language models with LoRA/QLoRA, built from plugins.
+
+    \b
+    qtune init config.yaml          write the seed notebook's configuration
+    qtune run config.yaml           fine-tune, with live progress and a memory report
+    qtune generate runs/NAME -i ..  stream an answer from the trained adapter
+    qtune export runs/NAME -f gguf  save as LoRA, merged 16-bit / 4-bit or GGUF
+    """
+
+
+PRESETS = ("seed", "demo")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="qtune.yaml")
+@click.option("--preset", type=click.Choice(PRESETS), default="seed", show_default=True,
+              help="seed: Unsloth's Qwen2.5-7B Alpaca notebook; demo: the offline CPU demo.")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init(path: Path, preset: str, force: bool):
+    """Write a configuration file to PATH (default qtune.yaml)."""
+    if path.exists() and not force:
+        raise QtuneError(f"{str(path)!r} already exists; pass --force to overwrite it")
+    if preset == "seed":
+        from qtune.config import seed_config
+
+        text = "# Unsloth's Qwen2.5-7B Alpaca notebook as a qtune config. Every key is optional.\n" + seed_config().to_yaml()
+    else:
+        from importlib.resources import files
+
+        text = files("qtune").joinpath("presets", f"{preset}.yaml").read_text(encoding="utf-8")
+    from qtune.fsutil import atomic_file
+
+    with atomic_file(path) as handle:
+        handle.write(text)
+    click.echo(f"wrote {path}")
+
+
+def _load(config_path, overrides):
+    from qtune.config import load_config
+
+    return load_config(config_path, tuple(overrides))
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set training.max_steps=10 (repeatable).")
+@click.option("--progress/--no-progress", default=True, help="Show the live progress bar.")
+def run(config_path: Path, overrides: tuple[str, ...], progress: bool):
+    """Fine-tune with the configuration in CONFIG."""
+    config = _load(config_path, overrides)
+    quiet_libraries()
+    from qtune.pipeline import run as run_pipeline
+    from qtune.plugin_manager import get_host
+
+    out = console()
+    extra = [get_host().callbacks.get("rich_progress")()] if progress else []
+    ctx = run_pipeline(config, out, extra_callbacks=extra)
+    _print_summary(out, ctx)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for qtune's own progress: no per-map bars or info logs from the libraries."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Libraries already imported (an earlier command in this process) read the variables too late.
+    # Importing them here instead would load transformers before Unsloth could patch it.
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
+def _print_summary(out, ctx) -> None:
+    from rich.table import Table
+
+    summary = ctx.summary
+    table = Table(title="run summary", show_header=False)
+    table.add_row("run directory", str(ctx.run_dir))
+    table.add_row("adapter", str(ctx.run_dir / "adapter"))
+    for key in ("steps", "train_loss", "train_runtime_s"):
+        if key in summary:
+            table.add_row(key, str(summary[key]))
+    for key, label in (("eval_before", "exact match before"), ("eval_after", "exact match after")):
+        if key in summary:
+            result = summary[key]
+            table.add_row(label, f"{result['accuracy']:.1%} ({result['correct']}/{result['total']}, {result['seconds']} s)")
+    out.print(table)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-i", "--instruction", required=True, help="The instruction (the template's first field).")
+@click.option("--input", "input_text", default="", help="Optional input / context.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--stream/--no-stream", default=True, help="Print tokens as they come, or the whole answer at the end.")
+def generate(run_dir: Path, instruction: str, input_text: str, max_new_tokens: int, temperature: float, stream: bool):
+    """Answer an instruction with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
+    example = {"instruction": instruction, "input": input_text}
+    if run_dir.suffix == ".gguf":
+        pieces = _gguf_pieces(run_dir, example, max_new_tokens)
+    else:
+        from qtune.run import FinishedRun
+
+        finished = FinishedRun.open(run_dir)
+        quiet_libraries()
+        model, tokenizer = finished.load_trained()
+        model = finished.backend().for_inference(model)
+        from qtune.inference import stream_answer
+
+        prompt = finished.template.render_prompt(example)
+        pieces = stream_answer(model, tokenizer, prompt, max_new_tokens, temperature)
+    if stream:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        click.echo("".join(pieces))
+
+
+def _gguf_pieces(gguf_path: Path, example: dict, max_new_tokens: int):
+    """A GGUF made by `qtune export` sits in RUN_DIR/exports/...; its run gives the template."""
+    from qtune.gguf import stream_generate
+    from qtune.run import FinishedRun
+
+    if not gguf_path.is_file():
+        raise QtuneError(f"GGUF file {str(gguf_path)!r} not found; export one with `qtune export RUN_DIR --format gguf`")
+    run_dir = next((p for p in gguf_path.resolve().parents if (p / "config.yaml").is_file()), None)
+    if run_dir is None:
+        raise QtuneError(f"{str(gguf_path)!r} is not inside a qtune run directory, so its prompt template is unknown")
+    template = FinishedRun.open(run_dir).template
+    return stream_generate(gguf_path, template.render_prompt(example), max_new_tokens=max_new_tokens, stop=template.stop_strings())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool):
+    """List the loaded plugins: distribution, version and the hooks each implements."""
+    from qtune.plugin_manager import get_host
+
+    host = get_host()
+    rows = host.plugin_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="qtune plugins")
+    for column in ("plugin", "distribution", "version", "hooks"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["distribution"], row["version"], ", ".join(row["hooks"]))
+    out = console()
+    out.print(table)
+    registries = [host.templates, host.dataset_loaders, host.models, host.backends, host.callbacks, host.exporters]
+    for registry in registries:
+        out.print(f"[bold]{registry.kind}s:[/] {', '.join(registry) or '-'}")
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
+def validate(config_path: Path, overrides: tuple[str, ...]):
+    """Check CONFIG (schema and plugin names) without loading a model."""
+    config = _load(config_path, overrides)
+    click.echo(f"{config_path}: valid (template {config.template}, backend {config.model.backend}, model {config.model.name})")
+
+
+def _add_optional_commands() -> None:
+    # Commands kept in their own modules (export, models); each imports only click at module level.
+    import importlib.util
+
+    for module, name in (("qtune_cli.export_cmd", "export"), ("qtune_cli.models_cmd", "models")):
+        if importlib.util.find_spec(module):  # TODO(lead): import directly once both modules landed
+            cli.add_command(getattr(__import__(module, fromlist=[name]), name))
+
+
+def _add_plugin_commands() -> None:
+    from qtune.plugin_manager import get_host
+
+    get_host().pm.hook.register_commands(cli=cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        _add_optional_commands()
+        _add_plugin_commands()
+    except QtuneError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+    cli.main(args=argv, prog_name="qtune")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Small builders shared by tests: configs and data files for real runs on the tiny Qwen2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+ALPACA_ROWS = [
+    {"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold"},
+    {"instruction": "Name the colour of the sky on a clear day.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def tiny_run_config(tmp_path: Path, model_dir: Path, data_file: Path, **sections) -> Path:
+    """A config for a real, short LoRA run on the tiny Qwen2 on CPU; `sections` update the defaults."""
+    config = {
+        "name": "tiny",
+        "model": {"name": str(model_dir), "backend": "transformers", "max_seq_length": 256, "load_in_4bit": False},
+        "lora": {"r": 8, "alpha": 16, "gradient_checkpointing": False},
+        "template": "alpaca",
+        "dataset": {"path": str(data_file)},
+        "training": {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 0,
+            "max_steps": 6,
+            "learning_rate": 5e-3,
+            "optim": "adamw_torch",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 3407,
+        },
+        "callbacks": ["memory_monitor"],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
