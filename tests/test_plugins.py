@@ -1,0 +1,112 @@
+"""The plugin manager with real plugins: built-ins, an installed third-party package, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qtune import hookimpl
+from qtune.errors import QtuneError
+from qtune.plugin_manager import BUILTIN_PLUGINS, PluginHost, get_host, reset_host
+from qtune.types import PromptTemplate
+from qtune_cli.main import cli
+
+
+@pytest.fixture(autouse=True)
+def fresh_host(monkeypatch):
+    reset_host()
+    yield
+    reset_host()
+
+
+def test_builtins_are_plugins_registered_through_the_hooks():
+    host = get_host()
+    names = {name for name, _ in host.pm.list_name_plugin()}
+    assert set(BUILTIN_PLUGINS) <= names
+    assert {"alpaca", "chatml"} <= set(host.templates)
+    assert {"hub", "alpaca-cleaned", "files", "demo-tasks"} <= set(host.dataset_loaders)
+    assert "transformers" in host.backends and "memory_monitor" in host.callbacks
+    assert host.templates.owners["alpaca"] == "qtune.plugins.templates"
+
+
+def test_installed_third_party_template_is_found_through_its_entry_point():
+    host = get_host()
+    assert "vicuna" in host.templates
+    assert host.templates.owners["vicuna"] == "vicuna"
+    example = {"instruction": "Hi", "output": "Hello"}
+    assert host.templates.get("vicuna").render_prompt(example).endswith("USER: Hi ASSISTANT:")
+
+
+def test_plugins_command_lists_distribution_version_and_hooks():
+    result = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["vicuna"]["distribution"] == "qtune-template-vicuna"
+    assert rows["vicuna"]["version"] == "0.1.0"
+    assert rows["vicuna"]["hooks"] == ["register_templates"]
+    assert rows["qtune.plugins.templates"]["distribution"] == "qtune (built-in)"
+
+
+def test_load_plugins_variable_limits_installed_plugins(monkeypatch):
+    monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "")
+    assert "vicuna" not in get_host().templates
+    reset_host()
+    monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "qtune-template-vicuna")
+    assert "vicuna" in get_host().templates
+
+
+class Duplicate:
+    class Alpaca2(PromptTemplate):
+        name = "alpaca"
+
+    @staticmethod
+    @hookimpl
+    def register_templates(register):
+        register(Duplicate.Alpaca2())
+
+
+class Broken:
+    @staticmethod
+    @hookimpl
+    def register_exporters(register):
+        raise RuntimeError("boom")
+
+
+def test_a_name_taken_twice_is_refused_naming_both_plugins():
+    with pytest.raises(QtuneError) as info:
+        PluginHost(load_installed=False, extra_plugins={"dupe-plugin": Duplicate})
+    assert "'dupe-plugin'" in str(info.value) and "'qtune.plugins.templates'" in str(info.value)
+
+
+def test_a_plugin_that_raises_is_named():
+    with pytest.raises(QtuneError) as info:
+        PluginHost(load_installed=False, extra_plugins={"broken-plugin": Broken})
+    assert "plugin 'broken-plugin' failed in register_exporters: RuntimeError: boom" in str(info.value)
+
+
+def test_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
+    (tmp_path / "bad_plugin.py").write_text("import not_a_module_anywhere\n")
+    monkeypatch.setenv("QTUNE_PLUGINS_DIR", str(tmp_path))
+    with pytest.raises(QtuneError) as info:
+        get_host()
+    assert "bad_plugin.py" in str(info.value) and "ModuleNotFoundError" in str(info.value)
+
+
+def test_plugins_dir_loads_a_local_plugin(tmp_path, monkeypatch):
+    (tmp_path / "shout.py").write_text(
+        "from qtune import hookimpl\nfrom qtune.types import PromptTemplate\n"
+        "class Shout(PromptTemplate):\n    name = 'shout'\n    fields = ('instruction', 'output')\n"
+        "    def render_prompt(self, e): return e['instruction'].upper() + '\\n'\n"
+        "    def render_completion(self, e): return e['output']\n"
+        "@hookimpl\ndef register_templates(register):\n    register(Shout())\n"
+    )
+    monkeypatch.setenv("QTUNE_PLUGINS_DIR", str(tmp_path))
+    assert get_host().templates.get("shout").render_prompt({"instruction": "hi"}) == "HI\n"
+
+
+def test_trace_variable_prints_hook_calls(monkeypatch, capsys):
+    monkeypatch.setenv("QTUNE_TRACE_PLUGINS", "1")
+    get_host()
+    assert "register_templates" in capsys.readouterr().err
