@@ -4,6 +4,7 @@ by training, and each as a share of the card. On CPU it reports the process's re
 from __future__ import annotations
 
 import resource
+import time
 
 from qtune import hookimpl
 from qtune.types import TrainingCallback
@@ -36,6 +37,7 @@ class MemoryMonitor(TrainingCallback):
     description = "GPU memory reserved at start and at peak, training's share (process RSS on CPU)"
 
     def on_train_start(self, run):
+        self.started = time.perf_counter()
         cuda = _cuda()
         if cuda is not None:
             props = cuda.get_device_properties(0)
@@ -76,9 +78,9 @@ class MemoryMonitor(TrainingCallback):
                 "training_rss_gib": round(max(peak - self.start, 0.0), 3),
             }
             lines = [f"Peak resident memory = {peak:.3f} GB ({max(peak - self.start, 0.0):.3f} GB more than at start)."]
-        runtime = run.summary.get("train_runtime_s")
-        if runtime is not None:
-            lines.insert(0, f"{runtime} seconds used for training ({runtime / 60:.2f} minutes).")
+        runtime = round(time.perf_counter() - self.started, 2)
+        report["train_seconds"] = runtime
+        lines.insert(0, f"{runtime} seconds used for training ({runtime / 60:.2f} minutes).")
         for line in lines:
             run.console.print(line)
         run.summary["memory"] = report

@@ -101,6 +101,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    # On CPUs with AVX512-BF16, bitsandbytes offers to fetch a kernel from the hub and warns when it
+    # cannot; qtune never fetches code, so the warning is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Libraries already imported (an earlier command in this process) read the variables too late.
     # Importing them here instead would load transformers before Unsloth could patch it.
     if "transformers" in sys.modules:

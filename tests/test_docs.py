@@ -23,3 +23,25 @@ def test_every_hook_has_a_documented_section(hook):
 def test_docs_name_no_hook_that_does_not_exist():
     documented = [line[4:].split("(")[0] for line in (DOCS / "plugins.md").read_text().splitlines() if line.startswith("### ")]
     assert sorted(documented) == sorted(HOOKS)
+
+
+def config_keys():
+    from pydantic import BaseModel
+
+    from qtune.config import Config
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from walk(annotation, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    return list(walk(Config))
+
+
+def test_every_config_key_is_documented():
+    text = (DOCS / "config.md").read_text()
+    missing = [key for key in config_keys() if f"| `{key}` |" not in text]
+    assert not missing, f"docs/config.md lacks {missing}"
