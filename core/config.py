@@ -137,7 +137,7 @@ class Config(Section):
         return value
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Config":
+    def _check_consistency(self) -> Config:
         if self.evaluation.exact_match and self.dataset.eval_size == 0:
             raise ValueError("evaluation.exact_match needs held-out rows: set dataset.eval_size")
         return self

@@ -45,9 +45,9 @@ def exact_match(model, tokenizer, template: PromptTemplate, rows, max_new_tokens
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     finally:
         model.train(was_training)
-    correct = [a.strip() == r for a, r in zip(answers, references)]
+    correct = [a.strip() == r for a, r in zip(answers, references, strict=True)]
     samples = [
         {"input": ex.get("input", ""), "instruction": ex.get("instruction", ""), "expected": r, "answer": a.strip()}
-        for ex, r, a in list(zip(examples, references, answers))[:5]
+        for ex, r, a in list(zip(examples, references, answers, strict=True))[:5]
     ]
     return {"accuracy": sum(correct) / len(correct), "correct": sum(correct), "total": len(correct), "samples": samples}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def stream_answer(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:

@@ -14,10 +14,11 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pluggy
 

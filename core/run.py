@@ -54,7 +54,7 @@ class FinishedRun:
     config: Config
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "FinishedRun":
+    def open(cls, run_dir: str | Path) -> FinishedRun:
         run_dir = Path(run_dir)
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():

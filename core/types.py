@@ -6,9 +6,10 @@ so that ``qtune --help`` and config validation stay fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
@@ -51,7 +52,7 @@ class DatasetLoader:
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
-    def load(self, spec: "Any") -> "Any":
+    def load(self, spec: Any) -> Any:
         """``spec`` is the config's ``dataset`` section (:class:`qtune.config.DatasetConfig`)."""
         raise NotImplementedError
 
@@ -88,18 +89,18 @@ class Backend:
     #: whether importing this backend patches trl/transformers (it must then load first)
     patches_trainer: ClassVar[bool] = False
 
-    def unavailable_reason(self, config: "Config") -> str | None:
+    def unavailable_reason(self, config: Config) -> str | None:
         """Why this backend cannot run here with this config, or None when it can."""
         return None
 
-    def load(self, config: "Config", model_path: str) -> tuple[Any, Any]:
+    def load(self, config: Config, model_path: str) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)`` ready for ``add_lora``."""
         raise NotImplementedError
 
-    def add_lora(self, model: Any, config: "Config") -> Any:
+    def add_lora(self, model: Any, config: Config) -> Any:
         raise NotImplementedError
 
-    def load_trained(self, config: "Config", model_path: str, adapter_dir: Path) -> tuple[Any, Any]:
+    def load_trained(self, config: Config, model_path: str, adapter_dir: Path) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)`` with the trained adapter loaded, ready for generation."""
         raise NotImplementedError
 
@@ -122,21 +123,21 @@ class TrainingCallback:
         if options:
             raise TypeError(f"callback {self.name!r} takes no options, got {sorted(options)}")
 
-    def on_run_start(self, run: "RunContext") -> None: ...
+    def on_run_start(self, run: RunContext) -> None: ...
 
-    def on_train_start(self, run: "RunContext") -> None: ...
+    def on_train_start(self, run: RunContext) -> None: ...
 
-    def on_step_end(self, run: "RunContext", step: int, metrics: dict[str, float]) -> None: ...
+    def on_step_end(self, run: RunContext, step: int, metrics: dict[str, float]) -> None: ...
 
-    def on_evaluate(self, run: "RunContext", metrics: dict[str, Any]) -> None: ...
+    def on_evaluate(self, run: RunContext, metrics: dict[str, Any]) -> None: ...
 
-    def on_save(self, run: "RunContext", path: Path) -> None: ...
+    def on_save(self, run: RunContext, path: Path) -> None: ...
 
-    def on_train_end(self, run: "RunContext") -> None: ...
+    def on_train_end(self, run: RunContext) -> None: ...
 
-    def on_run_end(self, run: "RunContext") -> None: ...
+    def on_run_end(self, run: RunContext) -> None: ...
 
-    def on_error(self, run: "RunContext", error: BaseException) -> None: ...
+    def on_error(self, run: RunContext, error: BaseException) -> None: ...
 
 
 @dataclass
@@ -160,9 +161,9 @@ class Exporter:
     def unavailable_reason(self) -> str | None:
         return None
 
-    def export(self, run: "Any", out_dir: Path, quantization: str | None) -> ExportResult:
+    def export(self, run: Any, out_dir: Path, quantization: str | None) -> ExportResult:
         raise NotImplementedError
 
-    def verify(self, run: "Any", result: ExportResult) -> "Any":
+    def verify(self, run: Any, result: ExportResult) -> Any:
         """Load the artefact in its target runtime and compare it with the trained model."""
         raise NotImplementedError
