@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, QtuneError
 
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -264,14 +264,18 @@ def check_plugin_names(config: Config) -> None:
     if config.dataset.loader != "auto":
         checks.append(("dataset.loader", config.dataset.loader, host.dataset_loaders))
     checks += [(f"callbacks[{i}].name", c.name, host.callbacks) for i, c in enumerate(config.callbacks)]
-    checks += [(f"exports[{i}].format", e.format, host.exporters) for i, e in enumerate(config.exports)]
     for path, name, registry in checks:
         if name == "auto" and path == "model.backend":
             continue
         if name not in registry:
             raise ConfigError(f"unknown {registry.kind} {name!r} at {path!r}{suggest(name, registry.items)}")
+    from .export import normalize_format, normalize_quant
+
     for i, entry in enumerate(config.exports):
-        exporter = host.exporters.get(entry.format)
-        if entry.quant is not None and entry.quant not in exporter.quantizations:
-            allowed = ", ".join(exporter.quantizations) or "none"
-            raise ConfigError(f"export format {entry.format!r} has no quantization {entry.quant!r} at 'exports[{i}].quant'; choose one of: {allowed}")
+        name = normalize_format(entry.format)  # the seed's "merged_16bit" and "Q4_K_M" are accepted
+        if name not in host.exporters:
+            raise ConfigError(f"unknown export format {entry.format!r} at 'exports[{i}].format'{suggest(name, host.exporters.items)}")
+        try:
+            normalize_quant(host.exporters.get(name), entry.quant)
+        except QtuneError as error:
+            raise ConfigError(f"{error} (at 'exports[{i}].quant')") from None

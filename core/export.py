@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .errors import QtuneError
 from .fsutil import atomic_file
@@ -65,7 +66,7 @@ def normalize_quant(exporter: Exporter, quant: str | None) -> str | None:
     return key
 
 
-def default_out_dir(run: "FinishedRun", exporter: Exporter, quant: str | None) -> Path:
+def default_out_dir(run: FinishedRun, exporter: Exporter, quant: str | None) -> Path:
     return run.exports_dir / (exporter.name if quant is None else f"{exporter.name}-{quant}")
 
 
@@ -73,7 +74,8 @@ def _supports_verify(exporter: Exporter) -> bool:
     return type(exporter).verify is not Exporter.verify
 
 
-def _call_export(exporter: Exporter, run, out_dir: Path, quant: str | None, options: dict[str, Any]) -> ExportResult:
+def _export_options(exporter: Exporter, options: dict[str, Any]) -> dict[str, Any]:
+    """The options given (not None), refused with the flag's name when the exporter does not take one."""
     options = {k: v for k, v in options.items() if v is not None}
     if options:
         parameters = inspect.signature(exporter.export).parameters
@@ -82,11 +84,11 @@ def _call_export(exporter: Exporter, run, out_dir: Path, quant: str | None, opti
         if refused:
             flags = ", ".join("--" + k.replace("_", "-") for k in refused)
             raise QtuneError(f"export format {exporter.name!r} does not take {flags}; leave it out")
-    return exporter.export(run, out_dir, quant, **options)
+    return options
 
 
 def export_run(
-    run: "FinishedRun",
+    run: FinishedRun,
     fmt: str,
     quant: str | None = None,
     verify: bool = True,
@@ -108,6 +110,7 @@ def export_run(
     console = console or Console(stderr=True, highlight=False)
     exporter = get_exporter(fmt)
     quant = normalize_quant(exporter, quant)
+    options = _export_options(exporter, options)
     out_dir = Path(out).expanduser() if out is not None else default_out_dir(run, exporter, quant)
     label = exporter.name + (f" ({quant})" if quant else "")
     backup = None
@@ -119,7 +122,7 @@ def export_run(
     started = time.perf_counter()
     try:
         with console.status(f"exporting {label} to {out_dir} ..."):
-            result = _call_export(exporter, run, out_dir, quant, options)
+            result = exporter.export(run, out_dir, quant, **options)
     except BaseException:
         if backup is not None and not out_dir.exists():
             os.replace(backup, out_dir)
@@ -134,6 +137,8 @@ def export_run(
     result.details["seconds"] = round(time.perf_counter() - started, 2)
     result.details["bytes"] = sum(p.stat().st_size for p in result.files if p.is_file())
     console.print(f"exported [bold]{label}[/] to {result.path} ({_size(result.details['bytes'])}, {result.details['seconds']:.1f} s)")
+    for note in result.details.get("notes") or []:
+        console.print(f"[yellow]note:[/] {note}")
 
     report = None
     if verify:
@@ -163,7 +168,7 @@ def result_record(result: ExportResult) -> dict[str, Any]:
     }
 
 
-def record_export(run: "FinishedRun", result: ExportResult) -> None:
+def record_export(run: FinishedRun, result: ExportResult) -> None:
     """Add ``result`` to RUN_DIR/exports/exports.json and to summary.json's ``exports``, keyed by folder."""
     key = Path(result.path).name
     record = json.loads(json.dumps(result_record(result), default=str))
@@ -192,7 +197,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def run_exports(run: "FinishedRun", entries: Iterable["ExportEntry"], console: Any = None) -> dict[str, Any]:
+def run_exports(run: FinishedRun, entries: Iterable[ExportEntry], console: Any = None) -> dict[str, Any]:
     """The config's ``exports:`` list, in order; returns ``{folder name: record}`` for the summary.
 
     Each entry is checked (format, quantization) before the first export starts. A failed export

@@ -22,9 +22,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .errors import QtuneError
 from .fsutil import atomic_dir, atomic_file, check_free_space
@@ -205,8 +206,12 @@ def _captured_native_output() -> Iterator[Path]:
             os.close(fd)
 
 
-def quantize_gguf(source: Path, dest: Path, quant: str, threads: int | None = None) -> None:
-    """``llama_model_quantize`` from a 16-bit GGUF to ``quant`` (q8_0, q4_k_m, ...)."""
+def quantize_gguf(source: Path, dest: Path, quant: str, threads: int | None = None) -> int:
+    """``llama_model_quantize`` from a 16-bit GGUF to ``quant`` (q8_0, q4_k_m, ...).
+
+    Returns how many tensors llama.cpp stored in another type because their rows do not fit the
+    quantization's block (K-quants need row widths that are multiples of 256).
+    """
     import ctypes
 
     llama_cpp = import_llama_cpp()
@@ -221,10 +226,7 @@ def quantize_gguf(source: Path, dest: Path, quant: str, threads: int | None = No
     if status != 0 or not Path(dest).is_file():
         lines = [line for line in text.splitlines() if line.strip()]
         raise QtuneError(f"llama.cpp could not quantize to {quant}: {lines[-1] if lines else f'status {status}'}; try another --quant")
-    fallbacks = [line for line in text.splitlines() if "fallback" in line.lower()]
-    if fallbacks:
-        # K-quants need rows that are multiples of 256; llama.cpp then uses another type for that tensor.
-        print(f"note: {len(fallbacks)} tensors could not use {quant} and fell back to another type", file=sys.stderr)
+    return sum("fallback" in line.lower() for line in text.splitlines())
 
 
 # --------------------------------------------------------------------------- loading and generating
@@ -378,7 +380,7 @@ def modelfile_text(gguf_name: str, template, eos_token: str) -> str:
             stops.append(stop)
     lines = [
         f"# Ollama model for a qtune run (template {template.name!r}); create it with:",
-        f"#   ollama create NAME -f Modelfile",
+        "#   ollama create NAME -f Modelfile",
         f"FROM ./{gguf_name}",
         "",
         f'TEMPLATE """{go_template}"""',
@@ -396,11 +398,11 @@ def _quote(text: str) -> str:
 # --------------------------------------------------------------------------- the export
 
 
-def gguf_file_name(run: "FinishedRun", quant: str) -> str:
+def gguf_file_name(run: FinishedRun, quant: str) -> str:
     return f"{run.run_dir.name}.{quant.upper()}.gguf"
 
 
-def write_gguf(run: "FinishedRun", dest: Path, quant: str = "q8_0", llama_cpp_dir: str | Path | None = None,
+def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir: str | Path | None = None,
                device: str | None = None) -> tuple[list[Path], dict[str, Any]]:
     """Merge, convert and quantize ``run`` into ``dest``/NAME.QUANT.gguf plus a Modelfile.
 
@@ -416,9 +418,10 @@ def write_gguf(run: "FinishedRun", dest: Path, quant: str = "q8_0", llama_cpp_di
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    notes: list[str] = []
     merged_dtype = _merged_dtype(run, quant)
     started = time.perf_counter()
-    model, tokenizer = load_merged(run, merged_dtype, device or "cpu")
+    model, tokenizer = load_merged(run, merged_dtype, device)
     size16 = weights_bytes(model)
     final_bytes = int(size16 / (2 if merged_dtype != "float32" else 4) * spec.bits_per_weight / 8)
     needed = size16 + (size16 if spec.outtype is None else 0) + final_bytes
@@ -430,6 +433,8 @@ def write_gguf(run: "FinishedRun", dest: Path, quant: str = "q8_0", llama_cpp_di
         merged_dir.mkdir()
         save_merged(model, tokenizer, merged_dir, run.template)
         eos_token = tokenizer.eos_token
+        if normalize_byte_level_tokenizer(merged_dir / "tokenizer.json"):
+            notes.append("tokenizer.json: byte_fallback turned off for the byte-level BPE (no effect on encoding)")
         del model
         _free()
         timings["merge_s"] = time.perf_counter() - started
@@ -444,7 +449,10 @@ def write_gguf(run: "FinishedRun", dest: Path, quant: str = "q8_0", llama_cpp_di
                 timings["convert_s"] = time.perf_counter() - started
                 shutil.rmtree(merged_dir)
                 started = time.perf_counter()
-                quantize_gguf(intermediate, out / name, quant)
+                fallbacks = quantize_gguf(intermediate, out / name, quant)
+                if fallbacks:
+                    notes.append(f"{fallbacks} tensor(s) could not use {quant} (rows not a multiple of the block) "
+                                 f"and were stored in another type by llama.cpp")
                 timings["quantize_s"] = time.perf_counter() - started
             with atomic_file(out / "Modelfile") as handle:
                 handle.write(modelfile_text(name, run.template, eos_token))
@@ -452,10 +460,41 @@ def write_gguf(run: "FinishedRun", dest: Path, quant: str = "q8_0", llama_cpp_di
         shutil.rmtree(work, ignore_errors=True)
     details = {"gguf": str(dest / name), "merged_dtype": merged_dtype, "llama_cpp": str(folder),
                **{k: round(v, 2) for k, v in timings.items()}}
+    if notes:
+        details["notes"] = notes
     return sorted(p for p in dest.iterdir() if p.is_file()), details
 
 
-def _merged_dtype(run: "FinishedRun", quant: str) -> str:
+def normalize_byte_level_tokenizer(path: Path) -> bool:
+    """Turn off ``byte_fallback`` in a byte-level BPE tokenizer.json, where it can never fire.
+
+    Tokenizers that transformers rebuilds from a GGUF (SmolLM2's, for one) combine a ByteLevel
+    pre-tokenizer with ``byte_fallback`` and a SentencePiece-style decoder. Without ``<0xXX>`` byte
+    tokens in the vocabulary the fallback has nothing to fall back to, so encoding is plain
+    byte-level BPE, as in the original tokenizer. llama.cpp's converter, though, takes the flag for
+    a SentencePiece vocabulary and writes one that aborts llama.cpp on non-ASCII text. Returns
+    whether the file was changed.
+    """
+    import json
+
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    if '"ByteLevel"' not in json.dumps(data.get("pre_tokenizer")):
+        return False
+    vocab = model.get("vocab") or {}
+    if any(f"<0x{byte:02X}>" in vocab for byte in range(256)):
+        return False  # real byte tokens: the fallback can fire
+    model["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return True
+
+
+def _merged_dtype(run: FinishedRun, quant: str) -> str:
     if quant in ("f16", "bf16", "f32"):
         return {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}[quant]
     import json
@@ -474,7 +513,7 @@ def _free() -> None:
     gc.collect()
 
 
-def verify_gguf(run: "FinishedRun", gguf_path: Path, quant: str):
+def verify_gguf(run: FinishedRun, gguf_path: Path, quant: str):
     """Compare the GGUF in llama.cpp with the trained model; also check EOS and the chat template."""
     from .verify import verify_with
 

@@ -1,7 +1,7 @@
 """Merging a run's LoRA adapter into its base model and saving the result for transformers / vLLM.
 
-Memory: the base model is loaded once in the target 16-bit dtype (never in 4-bit: merging into
-dequantized NF4 weights would bake the quantization error into every layer), the adapter is loaded
+Memory: the base model is loaded once in the target 16-bit dtype (a pre-quantized bitsandbytes
+base is dequantized first, which is what QLoRA trained against), the adapter is loaded
 on top through peft, and ``merge_and_unload`` adds each ``B @ A * scale`` into its weight in place.
 ``save_pretrained`` then writes the state dict shard by shard; a shard's tensors are the model's
 own storage, so the peak is the 16-bit model plus the one shard being serialised. Nothing in
@@ -38,7 +38,7 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES.get(name, name))
 
 
-def load_merged(run: "FinishedRun", dtype: str = "bfloat16", device: str | None = None) -> tuple[Any, Any]:
+def load_merged(run: FinishedRun, dtype: str = "bfloat16", device: str | None = None) -> tuple[Any, Any]:
     """The base model in ``dtype`` with the run's adapter merged in, and the run's tokenizer."""
     import torch  # noqa: F401  (fail early with torch's own message if it is missing)
     from peft import PeftModel
@@ -52,6 +52,8 @@ def load_merged(run: "FinishedRun", dtype: str = "bfloat16", device: str | None 
     base = AutoModelForCausalLM.from_pretrained(
         run.model_path(), dtype=torch_dtype(dtype), device_map={"": device}, trust_remote_code=remote
     )
+    if getattr(base, "is_quantized", False):
+        base = dequantized(base, torch_dtype(dtype))
     if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise QtuneError(
             f"the run's tokenizer has {len(tokenizer)} tokens but the base model's embeddings only "
@@ -61,6 +63,25 @@ def load_merged(run: "FinishedRun", dtype: str = "bfloat16", device: str | None 
     merged = model.merge_and_unload()
     merged.eval()
     return merged, tokenizer
+
+
+def dequantized(model, dtype):
+    """A pre-quantized (bitsandbytes) base as plain ``dtype`` weights.
+
+    QLoRA trains the adapter against exactly these dequantized weights, so merging into them is
+    faithful to the trained model (Unsloth's -bnb-4bit checkpoints are a common base).
+    """
+    import torch
+
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and hasattr(state, "dtype"):
+            state.dtype = torch.float32  # dequantize exactly, then round once to ``dtype``
+    model = model.dequantize(dtype=dtype).to(dtype)
+    # The loading-time 4-bit conversions do not apply to the dequantized weights when saving.
+    if hasattr(model, "_weight_conversions"):
+        model._weight_conversions = []
+    return model
 
 
 def weights_bytes(model) -> int:
@@ -121,12 +142,11 @@ def parse_size(value: str | int) -> int:
         return value
     text = str(value).strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
+    number, factor = text, 1
+    for unit, scale in units.items():
         if text.endswith(unit):
-            number = text[: -len(unit)]
+            number, factor = text[: -len(unit)], scale
             break
-    else:
-        number, factor = text, 1
     try:
         size = int(float(number) * factor)
     except ValueError:
@@ -136,7 +156,7 @@ def parse_size(value: str | int) -> int:
     return size
 
 
-def write_merged_16bit(run: "FinishedRun", dest: Path, quant: str = "bf16",
+def write_merged_16bit(run: FinishedRun, dest: Path, quant: str = "bf16",
                        max_shard_size: str | int | None = None, device: str | None = None) -> list[Path]:
     """Merge and save ``run`` into ``dest`` (created atomically) in ``quant`` (bf16, fp16 or fp32)."""
     shard = parse_size(max_shard_size or DEFAULT_SHARD_SIZE)
@@ -150,7 +170,7 @@ def write_merged_16bit(run: "FinishedRun", dest: Path, quant: str = "bf16",
     return sorted(p for p in Path(dest).rglob("*") if p.is_file())
 
 
-def write_merged_4bit(run: "FinishedRun", dest: Path, compute_dtype: str = "bfloat16", device: str | None = None) -> list[Path]:
+def write_merged_4bit(run: FinishedRun, dest: Path, compute_dtype: str = "bfloat16", device: str | None = None) -> list[Path]:
     """Merge in 16-bit, then quantize to bitsandbytes NF4 (double quantization) and save.
 
     bitsandbytes quantizes while transformers loads a checkpoint, so the merged 16-bit model is
@@ -199,7 +219,7 @@ def _tokenizer_and_generation_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix != ".safetensors" and p.name not in weights)
 
 
-def copy_adapter(run: "FinishedRun", dest: Path) -> list[Path]:
+def copy_adapter(run: FinishedRun, dest: Path) -> list[Path]:
     """The run's adapter in peft's format, its tokenizer carrying the run template's chat template."""
     from transformers import AutoTokenizer
 
