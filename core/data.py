@@ -3,20 +3,23 @@ prompt + completion, tokenize, append EOS and build labels.
 
 The labels are built here, not by trl, so preflight checks and training see the same tokens: the
 prompt is masked (-100) when training on responses only, and the EOS token is always trained, so
-the model learns to stop.
+the model learns to stop. :func:`encode_rows` is the one tokenization path: preflight reads its
+check columns, training keeps its ``input_ids`` and ``labels``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .config import Config
 from .errors import QtuneError
 from .types import PromptTemplate
 
 IGNORE_INDEX = -100
+#: the row's index in the dataset as loaded (before shuffling and the eval split); findings name it
+ROW_COLUMN = "_qtune_row"
 
 
 def pick_loader(config: Config):
@@ -30,8 +33,9 @@ def pick_loader(config: Config):
     return loaders.get(name)
 
 
-def load_rows(config: Config, template: PromptTemplate):
-    """The dataset's rows, renamed to the template's field names and checked. Returns (train, held_out)."""
+def read_rows(config: Config, template: PromptTemplate):
+    """The dataset's rows as loaded, renamed to the template's field names, each with its index in
+    :data:`ROW_COLUMN`. Refuses a missing split, no rows, and missing columns."""
     spec = config.dataset
     rows = pick_loader(config).load(spec)
     if hasattr(rows, "keys") and not hasattr(rows, "column_names"):  # a DatasetDict: take the split
@@ -41,17 +45,45 @@ def load_rows(config: Config, template: PromptTemplate):
     if len(rows) == 0:
         raise QtuneError(f"dataset {spec.path or spec.loader!r} has no rows; point dataset.path at data with examples")
     rows = rename_fields(rows, template, spec.fields)
+    _check_utf8(rows, spec)
+    return rows.add_column(ROW_COLUMN, list(range(len(rows))))
+
+
+def _check_utf8(rows, spec) -> None:
+    """pyarrow's JSON reader keeps invalid UTF-8 bytes; reading them later fails deep in datasets."""
+    import pyarrow as pa
+
+    for name in rows.column_names:
+        try:
+            rows.data.column(name).validate(full=True)
+        except pa.ArrowInvalid:
+            raise QtuneError(
+                f"dataset {spec.path or spec.loader!r}: column {name!r} is not UTF-8 text; re-save the file as UTF-8"
+            ) from None
+
+
+def split_rows(rows, config: Config):
+    """Shuffle (dataset.shuffle), hold out dataset.eval_size rows from the end, keep dataset.limit.
+    Returns (train, held_out)."""
+    spec = config.dataset
     if spec.shuffle:
         rows = rows.shuffle(seed=config.training.seed)
     held_out = None
     if spec.eval_size:
         if spec.eval_size >= len(rows):
-            raise QtuneError(f"dataset.eval_size {spec.eval_size} leaves no training rows (the dataset has {len(rows)})")
+            raise QtuneError(
+                f"dataset.eval_size {spec.eval_size} leaves no training rows (the dataset has {len(rows)}); lower dataset.eval_size"
+            )
         held_out = rows.select(range(len(rows) - spec.eval_size, len(rows)))
         rows = rows.select(range(len(rows) - spec.eval_size))
     if spec.limit:
         rows = rows.select(range(min(spec.limit, len(rows))))
     return rows, held_out
+
+
+def load_rows(config: Config, template: PromptTemplate):
+    """The dataset's rows, renamed to the template's field names and checked. Returns (train, held_out)."""
+    return split_rows(read_rows(config, template), config)
 
 
 def rename_fields(rows, template: PromptTemplate, mapping: dict[str, str]):
@@ -76,8 +108,8 @@ def rename_fields(rows, template: PromptTemplate, mapping: dict[str, str]):
         if column != field:
             renames[column] = field
     keep = [f for f in template.fields + template.optional_fields if mapping.get(f, f) in columns]
-    rows = rows.rename_columns(renames) if renames else rows
-    return rows.select_columns(keep)
+    rows = rows.select_columns([c for c in rows.column_names if c in {mapping.get(f, f) for f in keep}])
+    return rows.rename_columns(renames) if renames else rows
 
 
 @dataclass
@@ -86,45 +118,126 @@ class TokenizedExample:
     labels: list[int]
     prompt_tokens: int
     truncated: bool
+    #: tokens before truncation (EOS included)
+    length: int = 0
+    #: the text the ids were made from (prompt + completion, EOS not included) and each token's
+    #: character span in it; only with ``with_offsets=True`` (``qtune validate --show``)
+    text: Optional[str] = None
+    offsets: Optional[list[tuple[int, int]]] = None
+    #: the text already ended in the EOS token, so none was appended
+    had_eos: bool = False
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
 def tokenize_example(
-    example: dict[str, Any], template: PromptTemplate, tokenizer, max_length: int, responses_only: bool
+    example: dict[str, Any], template: PromptTemplate, tokenizer, max_length: int, responses_only: bool, with_offsets: bool = False
 ) -> TokenizedExample:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise QtuneError("the tokenizer has no EOS token, so the model cannot learn to stop; set eos_token in its tokenizer_config.json")
     prompt = template.render_prompt(example)
     completion = template.render_completion(example)
-    encoded = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"]) + [tokenizer.eos_token_id]
+    text = prompt + completion
+    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    # Text (or a tokenizer) that already ends in EOS keeps that one EOS: never two.
+    had_eos = bool(ids) and ids[-1] == eos
+    if not had_eos:
+        ids.append(eos)
     # A token belongs to the prompt when it starts before the prompt ends (special tokens such as BOS
     # have empty offsets at 0 and count as prompt).
-    prompt_tokens = sum(1 for start, end in encoded["offset_mapping"] if start < len(prompt))
+    offsets = [tuple(span) for span in encoded["offset_mapping"]]
+    last = len(offsets) - 1
+    # An EOS the tokenizer added itself (empty span at 0) ends the completion: never prompt.
+    prompt_tokens = sum(1 for i, (start, _) in enumerate(offsets) if start < len(prompt) and not (had_eos and i == last))
     labels = list(ids)
     if responses_only:
         labels[:prompt_tokens] = [IGNORE_INDEX] * prompt_tokens
     truncated = len(ids) > max_length
-    return TokenizedExample(ids[:max_length], labels[:max_length], prompt_tokens, truncated)
+    return TokenizedExample(
+        ids[:max_length],
+        labels[:max_length],
+        prompt_tokens,
+        truncated,
+        length=len(ids),
+        text=text if with_offsets else None,
+        offsets=offsets[:max_length] if with_offsets else None,
+        had_eos=had_eos,
+    )
+
+
+def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
+    """Tokenize every row with :func:`tokenize_example`; a ``datasets.Dataset`` holding ``input_ids``
+    and ``labels`` plus what preflight checks: ``row`` (the row's index in the data as loaded),
+    ``length``, ``truncated``, ``trained`` (label count), ``eos_trained`` (the last label is EOS),
+    ``had_eos``, ``marker_found`` and ``error`` (the template failed to render the row)."""
+    max_length = config.model.max_seq_length
+    responses_only = config.training.train_on_responses_only
+    marker = template.response_marker
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise QtuneError("the tokenizer has no EOS token, so the model cannot learn to stop; set eos_token in its tokenizer_config.json")
+
+    def encode(example):
+        row = example.get(ROW_COLUMN, -1)
+        try:
+            prompt = template.render_prompt(example)
+            tokenized = tokenize_example(example, template, tokenizer, max_length, responses_only)
+        except QtuneError:
+            raise
+        except Exception as exc:  # a template plugin failing on this row: reported with the row
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            return {"input_ids": [], "labels": [], "row": row, "length": 0, "truncated": False, "trained": 0,
+                    "eos_trained": False, "had_eos": False, "marker_found": True, "error": message}
+        return {
+            "input_ids": tokenized.input_ids,
+            "labels": tokenized.labels,
+            "row": row,
+            "length": tokenized.length,
+            "truncated": tokenized.truncated,
+            "trained": tokenized.trained_tokens,
+            "eos_trained": bool(tokenized.labels) and tokenized.labels[-1] == eos,
+            "had_eos": tokenized.had_eos,
+            "marker_found": (not marker) or marker in prompt,
+            "error": "",
+        }
+
+    return rows.map(encode, remove_columns=rows.column_names, desc=None)
+
+
+def trainable(encoded):
+    """The encoded rows training uses: those with at least one trained label, as input_ids + labels."""
+    trained = encoded.filter(lambda count, error: count > 0 and not error, input_columns=["trained", "error"])
+    return trained.select_columns(["input_ids", "labels"])
 
 
 def tokenize_rows(rows, template: PromptTemplate, tokenizer, config: Config):
-    """A ``datasets.Dataset`` with input_ids and labels, ready for trl's SFTTrainer."""
-    max_length = config.model.max_seq_length
-    responses_only = config.training.train_on_responses_only
-
-    def encode(example):
-        tokenized = tokenize_example(example, template, tokenizer, max_length, responses_only)
-        return {"input_ids": tokenized.input_ids, "labels": tokenized.labels, "truncated": tokenized.truncated}
-
-    encoded = rows.map(encode, remove_columns=rows.column_names, desc=None)
-    trained = encoded.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]))
-    if len(trained) == 0:
+    """A ``datasets.Dataset`` with input_ids and labels, ready for trl's SFTTrainer, and its stats."""
+    encoded = encode_rows(rows, template, tokenizer, config)
+    errors = [(row, error) for row, error in zip(encoded["row"], encoded["error"], strict=True) if error]
+    if errors:
+        row, error = errors[0]
+        raise QtuneError(f"dataset row {row}: template {template.name!r} failed to render it: {error}; fix the row or the template")
+    dataset = trainable(encoded)
+    if len(dataset) == 0:
         raise QtuneError(
             "every training example has all labels masked (-100); raise model.max_seq_length or turn off "
             "training.train_on_responses_only"
         )
-    return trained.remove_columns(["truncated"]), {
+    return dataset, encoded_stats(encoded)
+
+
+def encoded_stats(encoded) -> dict[str, Any]:
+    trained = encoded["trained"]
+    return {
         "examples": len(encoded),
         "truncated": int(sum(encoded["truncated"])),
-        "fully_masked_dropped": len(encoded) - len(trained),
+        "fully_masked_dropped": int(sum(1 for count in trained if count == 0)),
+        "tokens": int(sum(encoded["length"])),
+        "trained_tokens": int(sum(trained)),
     }
 
 

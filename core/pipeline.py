@@ -1,14 +1,20 @@
 """`qtune run`: the whole fine-tuning pipeline, every part supplied by plugins.
 
-Order matters: everything that can be checked without a model (config, plugin names, dataset
-fields) is checked before the run directory is created or a model is loaded, and the backend
-loads the model before trl is imported (Unsloth must patch trl/transformers first).
+Order matters: everything that can be checked without model weights (config, plugin names, the
+data, the tokens: :mod:`qtune.preflight`) is checked before the run directory is created or a model
+is loaded, and the backend loads the model before trl is imported (Unsloth must patch
+trl/transformers first; for such a backend the token checks run on its own tokenizer right after
+the model loads, still before the run directory exists).
+
+``--resume RUN_DIR`` continues a run from its last complete checkpoint with the run's saved
+config.yaml; see :func:`open_for_resume` and docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +23,19 @@ from .backends import choose_backend
 from .config import Config
 from .errors import QtuneError
 from .fsutil import atomic_dir, atomic_file
-from .models import resolve_model
 from .plugin_manager import get_host
 from .run import ADAPTER_DIR, RunContext
-from .types import TrainingCallback
+from .training import (
+    CHECKPOINTS_DIR,
+    call_callbacks,
+    is_out_of_memory,
+    last_complete_checkpoint,
+    list_checkpoints,
+    out_of_memory_error,
+)
+from .types import Backend, TrainingCallback
+
+PREFLIGHT_FILE = "preflight.json"
 
 
 def new_run_dir(config: Config) -> Path:
@@ -50,62 +65,233 @@ def make_callbacks(config: Config, extra: list[TrainingCallback]) -> list[Traini
             callbacks.append(factory(**entry.options))
         except TypeError as exc:
             raise QtuneError(f"callbacks[{index}] ({entry.name}): bad options: {exc}") from None
+        except QtuneError:
+            raise
+        except Exception as exc:  # a plugin's constructor failing
+            raise QtuneError(
+                f"callbacks[{index}] ({entry.name}, from {registry.owners.get(entry.name, '?')}) failed to start: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; fix the plugin or remove it from `callbacks`"
+            ) from None
     return callbacks
 
 
-def _emit(callbacks: list[TrainingCallback], event: str, *args: Any) -> None:
-    for cb in callbacks:
-        getattr(cb, event)(*args)
+# --------------------------------------------------------------------------- resume
 
 
-def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None = None) -> RunContext:
+def open_for_resume(run_dir: Path) -> tuple[Config, Path]:
+    """The saved config of ``run_dir`` and its last complete checkpoint; one-line errors otherwise.
+    Cheap: no ML library is imported."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise QtuneError(f"--resume {str(run_dir)!r} is not a qtune run directory (no config.yaml); pass the folder `qtune run` printed")
+    config = load_config(run_dir / "config.yaml")
+    if (run_dir / ADAPTER_DIR).exists():
+        raise QtuneError(f"run {str(run_dir)!r} already finished (it has {ADAPTER_DIR}/); nothing to resume")
+    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS_DIR)
+    if checkpoint is None:
+        hint = "training.save_steps is 0, so it saved none" if not config.training.save_steps else "it stopped before its first save"
+        raise QtuneError(
+            f"run {str(run_dir)!r} has no complete checkpoint to resume from ({hint}); start it again with "
+            f"`qtune run {run_dir / 'config.yaml'}` after removing the folder"
+        )
+    return config, checkpoint
+
+
+def _prepare_resume(run_dir: Path, checkpoint: Path) -> float:
+    """Make ``run_dir`` ready to continue from ``checkpoint``: remove incomplete checkpoints and
+    half-written temporary folders, and drop metrics.jsonl records of the steps after the
+    checkpoint (the resumed run logs them again, so each step appears once). Returns the time of the
+    last record kept, so the ``time`` column goes on from there."""
+    step = int(checkpoint.name.split("-")[1])
+    for _, path, complete in list_checkpoints(run_dir / CHECKPOINTS_DIR):
+        if not complete:
+            shutil.rmtree(path, ignore_errors=True)
+    for partial in list(run_dir.glob(".*.partial-*")) + list((run_dir / CHECKPOINTS_DIR).glob(".*.partial-*")):
+        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    kept, last_time = [], 0.0
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if not isinstance(record, dict) or record.get("step", 0) > step:
+                continue
+            kept.append(line)
+            last_time = max(last_time, float(record.get("time", 0.0)))
+        with atomic_file(metrics) as handle:
+            handle.write("".join(line + "\n" for line in kept))
+    return last_time
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _tokens_before_model(backend: Backend) -> bool:
+    """Whether preflight may load the tokenizer (and so import transformers) before the backend
+    loads the model. A backend that patches transformers must be imported first: it may offer
+    ``import_first()``; without it, its own tokenizer is checked right after the model loads."""
+    if not getattr(backend, "patches_trainer", False):
+        return True
+    import_first = getattr(backend, "import_first", None)
+    if callable(import_first):
+        import_first()
+        return True
+    return False
+
+
+def _print_new_findings(report, console, start: int) -> int:
+    from .preflight import print_findings
+
+    new = type(report)(config=report.config, findings=report.findings[start:])
+    print_findings(new, console, console)
+    return len(report.findings)
+
+
+def load_model(backend: Backend, config: Config, model_path: str):
+    try:
+        return backend.load(config, model_path)
+    except QtuneError:
+        raise
+    except OSError as exc:  # missing files, no safetensors (pickles are never loaded), offline hub
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QtuneError(
+            f"could not load model {model_path!r}: {first}; qtune loads *.safetensors weights only: give a folder "
+            f"or hub id that has them"
+        ) from None
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(exc, config, "loading the model") from None
+        raise
+
+
+def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None = None, resume: Path | None = None) -> RunContext:
+    """Train ``config``. With ``resume`` (a run directory whose config.yaml gave ``config``),
+    continue that run from its last complete checkpoint instead of starting a new one."""
+    from .preflight import PREFLIGHT_VERSION, check_tokens, data_fingerprint, preflight
+
     host = get_host()
     template = host.templates.get(config.template)
     backend = choose_backend(config)
     callbacks = make_callbacks(config, extra_callbacks or [])
+    checkpoint = None
+    if resume is not None:
+        _, checkpoint = open_for_resume(resume)  # its config.yaml already holds the applied profile
+    else:
+        config = _apply_profile(config, backend, console)
 
-    from .data import ensure_distinct_pad, load_rows, tokenize_rows
+    early = _tokens_before_model(backend)
+    report = preflight(config, load_tokenizer=early, resuming=resume is not None)
+    report.raise_for_errors()
+    printed = _print_new_findings(report, console, 0)
+    model = tokenizer = None
+    if not early:
+        # Nothing may import torch or transformers before such a backend loads the model, not even
+        # to seed: the seed is applied right after, and again before the LoRA weights are made.
+        model, tokenizer = load_model(backend, config, report.model_path)
+        from transformers import set_seed
 
-    train_rows, held_out = load_rows(config, template)  # refuses bad fields before any model loads
-    model_path = resolve_model(config.model.name)
-    run_dir = new_run_dir(config)
-    run_dir.mkdir(parents=True)
-    with atomic_file(run_dir / "config.yaml") as handle:
-        handle.write(config.to_yaml())
-    ctx = RunContext(config=config, run_dir=run_dir, console=console, backend_name=backend.name, model_path=model_path)
-    console.print(f"run directory: [bold]{run_dir}[/]  backend: [bold]{backend.name}[/]  model: {model_path}")
+        set_seed(config.training.seed)
+        check_tokens(report, tokenizer)
+        report.raise_for_errors()
+        _print_new_findings(report, console, printed)
+
+    from .data import trainable
+
+    fingerprint = data_fingerprint(trainable(report.encoded))
+    last_time = 0.0
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = _read_json(run_dir / PREFLIGHT_FILE)
+        if saved.get("fingerprint") not in (None, fingerprint):
+            raise QtuneError(
+                f"the training data of {str(run_dir)!r} changed since the run started (dataset or tokenizer), so resuming "
+                f"would not continue the same run; restore the data or start a new run"
+            )
+        last_time = _prepare_resume(run_dir, checkpoint)
+    else:
+        run_dir = new_run_dir(config)
+        run_dir.mkdir(parents=True)
+        with atomic_file(run_dir / "config.yaml") as handle:
+            handle.write(config.to_yaml())
+        with atomic_file(run_dir / PREFLIGHT_FILE) as handle:
+            json.dump({"version": PREFLIGHT_VERSION, "fingerprint": fingerprint, **report.to_json()}, handle, indent=2, default=str)
+    ctx = RunContext(config=config, run_dir=run_dir, console=console, backend_name=backend.name, model_path=report.model_path)
+    ctx.started_at -= last_time
+    if checkpoint is not None:
+        ctx.summary["resumed_from"] = checkpoint.name
+        previous = _read_json(run_dir / "summary.json")
+        if "eval_before" in previous:
+            ctx.summary["eval_before"] = previous["eval_before"]
+    verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
+    console.print(f"{verb}: [bold]{run_dir}[/]  backend: [bold]{backend.name}[/]  model: {report.model_path}", soft_wrap=True)
     try:
-        _emit(callbacks, "on_run_start", ctx)
-        _train_and_save(ctx, backend, template, train_rows, held_out, callbacks, ensure_distinct_pad, tokenize_rows)
-        _emit(callbacks, "on_run_end", ctx)
+        call_callbacks(callbacks, "on_run_start", ctx)
+        _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint)
+        call_callbacks(callbacks, "on_run_end", ctx)
     except BaseException as error:
         ctx.summary["error"] = str(error) or type(error).__name__
-        _emit(callbacks, "on_error", ctx, error)
+        last = last_complete_checkpoint(run_dir / CHECKPOINTS_DIR)
+        if last is not None and not (run_dir / ADAPTER_DIR).exists():
+            ctx.summary["last_checkpoint"] = str(last)
+        for cb in callbacks:  # a callback failing here must not hide the error itself
+            try:
+                cb.on_error(ctx, error)
+            except Exception:
+                pass
         _write_summary(ctx)
         raise
     _write_summary(ctx)
     return ctx
 
 
-def _train_and_save(ctx, backend, template, train_rows, held_out, callbacks, ensure_distinct_pad, tokenize_rows):
+def _apply_profile(config: Config, backend, console) -> Config:
+    """Resolve ``training.profile`` for the GPU at hand; the run directory keeps the result."""
+    if config.training.profile == "seed":
+        return config
+    from .backends import cuda_total_memory_gib
+    from .profiles import apply_profile, profile_changes
+
+    applied = apply_profile(config, cuda_total_memory_gib(), backend=backend.name)
+    changes = profile_changes(config, applied)
+    console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
+    return applied
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint):
     config, console = ctx.config, ctx.console
     from transformers import set_seed
 
-    set_seed(config.training.seed)
-    model, tokenizer = backend.load(config, ctx.model_path)
+    from .data import encoded_stats, ensure_distinct_pad, tokenize_rows, trainable
+    from .preflight import same_tokenizer
+
+    if model is None:
+        set_seed(config.training.seed)
+        model, tokenizer = load_model(backend, config, ctx.model_path)
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.device = str(getattr(model, "device", "cpu"))
-    note = ensure_distinct_pad(tokenizer)
-    if note:
-        console.print(f"[yellow]note:[/] {note}")
-    train_dataset, stats = tokenize_rows(train_rows, template, tokenizer, config)
+    ensure_distinct_pad(tokenizer)  # as preflight did (and said) on its tokenizer
+    if same_tokenizer(tokenizer, report.tokenizer):
+        train_dataset, stats = trainable(report.encoded), encoded_stats(report.encoded)
+    else:  # the backend changed the tokenizer: train on its tokens, through the same function
+        console.print("[cyan]note:[/] the backend's tokenizer differs from the model folder's; the examples are tokenized again with it")
+        train_dataset, stats = tokenize_rows(report.train_rows, template, tokenizer, config)
     ctx.summary["data"] = stats
-    if stats["truncated"]:
-        console.print(f"[yellow]note:[/] {stats['truncated']} of {stats['examples']} examples are longer than model.max_seq_length and were cut")
 
-    evaluate = config.evaluation.exact_match and held_out is not None
-    if evaluate and config.evaluation.before_training:
-        ctx.summary["eval_before"] = _exact_match(ctx, backend, model, tokenizer, template, held_out, "before training", callbacks)
+    evaluate = config.evaluation.exact_match and report.held_out is not None
+    if evaluate and config.evaluation.before_training and checkpoint is None:
+        ctx.summary["eval_before"] = _exact_match(ctx, backend, model, tokenizer, template, report.held_out, "before training", callbacks)
 
     # The seed is applied again right before the LoRA weights are created: same config and seed,
     # same initial adapter, same loss curve.
@@ -118,12 +304,12 @@ def _train_and_save(ctx, backend, template, train_rows, held_out, callbacks, ens
 
     from .training import train
 
-    train(ctx, model, tokenizer, train_dataset, callbacks)
+    train(ctx, model, tokenizer, train_dataset, callbacks, resume_from=str(checkpoint) if checkpoint is not None else None)
     adapter = save_adapter(ctx, model, tokenizer)
-    _emit(callbacks, "on_save", ctx, adapter)
+    call_callbacks(callbacks, "on_save", ctx, adapter)
 
     if evaluate:
-        ctx.summary["eval_after"] = _exact_match(ctx, backend, model, tokenizer, template, held_out, "after training", callbacks)
+        ctx.summary["eval_after"] = _exact_match(ctx, backend, model, tokenizer, template, report.held_out, "after training", callbacks)
 
     if config.exports:
         from .export import run_exports
@@ -143,7 +329,7 @@ def _exact_match(ctx, backend, model, tokenizer, template, rows, label, callback
     result["when"] = label
     ctx.console.print(f"exact match {label}: [bold]{result['accuracy']:.1%}[/] ({result['correct']}/{result['total']})")
     ctx.log_metrics({"eval": label, "exact_match": result["accuracy"]})
-    _emit(callbacks, "on_evaluate", ctx, result)
+    call_callbacks(callbacks, "on_evaluate", ctx, result)
     return result
 
 
@@ -158,3 +344,4 @@ def save_adapter(ctx: RunContext, model, tokenizer) -> Path:
 def _write_summary(ctx: RunContext) -> None:
     with atomic_file(ctx.run_dir / "summary.json") as handle:
         json.dump(ctx.summary, handle, indent=2, default=str)
+

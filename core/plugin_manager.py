@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "qtune.plugins.datasets",
     "qtune.plugins.models",
     "qtune.plugins.transformers_backend",
+    "qtune.plugins.unsloth_backend",
     "qtune.plugins.memory_monitor",
     "qtune.plugins.progress",
     "qtune.plugins.exporters",
@@ -161,6 +162,17 @@ class PluginHost:
                 added = sorted(set(registry.items) - before)
                 print(f"qtune: {impl.plugin_name}.{hook_name}(register) -> {', '.join(added) or 'nothing'}", file=sys.stderr)
         return registry
+
+    def add_commands(self, cli: Any) -> None:
+        """Let each plugin add its commands to the click group, naming the plugin if it fails."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:
+                raise QtuneError(
+                    f"plugin {impl.plugin_name!r} failed in register_commands: {type(exc).__name__}: {exc}; "
+                    f"fix it, uninstall it, or leave it out with QTUNE_LOAD_PLUGINS"
+                ) from exc
 
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per plugin: name, distribution, version, hooks it implements."""

@@ -2,7 +2,8 @@
 
 Layout of ``OUTPUT_DIR/NAME/``::
 
-    config.yaml      the resolved config the run used
+    config.yaml      the resolved config the run used (profile applied)
+    preflight.json   what the checks before training found, and the data's fingerprint (for resume)
     metrics.jsonl    one JSON record per logged step or evaluation
     summary.json     final figures (memory, evaluation, timings), written when the run ends
     adapter/         the LoRA adapter and tokenizer, in peft's format

@@ -2,11 +2,18 @@
 
 Backends that patch trl (Unsloth) have been imported by the time this module imports trl, because
 the pipeline loads the model through the backend first.
+
+Safety nets here: a non-finite loss or LoRA weight stops training before the step's checkpoint is
+written (so every checkpoint on disk is a good one); a CUDA out-of-memory error becomes one line of
+advice; a checkpoint counts only once complete (see :func:`checkpoint_is_complete`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +21,10 @@ from typing import Any
 from .errors import QtuneError
 from .run import RunContext
 from .types import TrainingCallback
+
+#: trainer checkpoints live in RUN_DIR/checkpoints/checkpoint-STEP
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 class NonFiniteLoss(QtuneError):
@@ -41,7 +52,7 @@ def sft_config(run: RunContext, model) -> Any:
         optim = "adamw_torch"
         run.console.print(f"[yellow]note:[/] optimizer {t.optim} needs a CUDA GPU; using {optim} on CPU")
     return SFTConfig(
-        output_dir=str(run.run_dir / "checkpoints"),
+        output_dir=str(run.run_dir / CHECKPOINTS_DIR),
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         warmup_steps=t.warmup_steps,
@@ -55,6 +66,9 @@ def sft_config(run: RunContext, model) -> Any:
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
+        # transformers replaces a NaN/inf loss with the running mean by default: the divergence would
+        # go unseen (logged as a plausible loss) while the weights turn to NaN.
+        logging_nan_inf_filter=False,
         packing=t.packing,
         max_length=config.model.max_seq_length,
         bf16=on_gpu and dtype == torch.bfloat16,
@@ -71,6 +85,38 @@ def sft_config(run: RunContext, model) -> Any:
     )
 
 
+# --------------------------------------------------------------------------- callbacks
+
+
+def call_callbacks(callbacks: list[TrainingCallback], event: str, *args: Any) -> None:
+    """Call ``event`` on every callback; a plugin's exception becomes one line naming it."""
+    for cb in callbacks:
+        try:
+            getattr(cb, event)(*args)
+        except QtuneError:
+            raise
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise QtuneError(
+                f"callback {getattr(cb, 'name', type(cb).__name__)!r} ({type(cb).__module__}) failed in {event}: "
+                f"{type(exc).__name__}{': ' + message if message else ''}; fix the plugin or remove it from `callbacks`"
+            ) from exc
+
+
+def all_finite(params) -> bool:
+    """Whether every value of ``params`` is finite, with one device sync."""
+    import torch
+
+    if not params:
+        return True
+    tensors = [p.detach() for p in params]
+    try:
+        norms = torch._foreach_norm(tensors)
+    except (RuntimeError, AttributeError, TypeError):  # a dtype or device _foreach_norm does not take
+        norms = [torch.linalg.vector_norm(t.float()) for t in tensors]
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+
+
 def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
     """A transformers TrainerCallback that forwards the trainer's events to qtune's callbacks."""
     from transformers import TrainerCallback
@@ -79,13 +125,29 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
         def __init__(self) -> None:
             self.last_time = time.perf_counter()
             self.last_tokens = 0.0
+            self.trainer = None  # set by train(); gives the step's loss when it turns non-finite
+            self.params = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             run.total_steps = state.max_steps
             self.start_step = state.global_step
             self.last_time = time.perf_counter()
-            for cb in callbacks:
-                cb.on_train_start(run)
+            model = kwargs.get("model")
+            self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+            call_callbacks(callbacks, "on_train_start", run)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # Runs after the optimizer step and before the step is logged or saved: a NaN here never
+            # reaches a checkpoint.
+            if self.params and not all_finite(self.params):
+                control.should_save = False
+                loss = getattr(self.trainer, "_tr_loss", None)
+                try:
+                    loss = float(loss) if loss is not None else None
+                except (TypeError, ValueError):
+                    loss = None
+                what = f"the loss became {loss}" if loss is not None and not math.isfinite(loss) else "the LoRA weights became NaN/inf"
+                raise NonFiniteLoss(divergence_message(run, state.global_step, what))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -96,6 +158,9 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
                 "loss": float(logs["loss"]),
                 "learning_rate": float(logs.get("learning_rate", 0.0)),
             }
+            if not math.isfinite(metrics["loss"]):
+                control.should_save = False
+                raise NonFiniteLoss(divergence_message(run, state.global_step, f"the loss became {metrics['loss']}"))
             if "grad_norm" in logs and logs["grad_norm"] is not None:
                 metrics["grad_norm"] = float(logs["grad_norm"])
             if "num_tokens" in logs:
@@ -107,42 +172,130 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
                 self.last_tokens = tokens
             self.last_time = now
             run.log_metrics({"step": state.global_step, **metrics})
-            for cb in callbacks:
-                cb.on_step_end(run, state.global_step, metrics)
-            if not math.isfinite(metrics["loss"]):
-                control.should_training_stop = True
-                raise NonFiniteLoss(
-                    f"loss became {metrics['loss']} at step {state.global_step}; lower training.learning_rate "
-                    f"or check the data (the last saved checkpoint is kept)"
-                )
+            call_callbacks(callbacks, "on_step_end", run, state.global_step, metrics)
 
         def on_save(self, args, state, control, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            for cb in callbacks:
-                cb.on_save(run, path)
+            call_callbacks(callbacks, "on_save", run, path)
 
         def on_train_end(self, args, state, control, **kwargs):
-            for cb in callbacks:
-                cb.on_train_end(run)
+            call_callbacks(callbacks, "on_train_end", run)
 
     return QtuneBridge()
+
+
+def divergence_message(run: RunContext, step: int, what: str) -> str:
+    last = last_complete_checkpoint(run.run_dir / CHECKPOINTS_DIR)
+    kept = f"{last.name} (the last good one) is kept" if last else "no checkpoint was saved before it"
+    fp16 = ", use bfloat16 rather than float16" if run.config.model.dtype == "float16" else ""
+    return (
+        f"training diverged at step {step}: {what}; {kept}; lower training.learning_rate, keep training.max_grad_norm "
+        f"above 0{fp16}, and check the data and the model's weights"
+    )
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(error, oom):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def out_of_memory_error(error: BaseException, config, during: str = "training") -> QtuneError:
+    """The advice for a CUDA out-of-memory error, as one line naming the settings to change."""
+    t, m = config.training, config.model
+    detail = " ".join(str(error).split())
+    detail = detail.split(" GPU ")[0].split(" Including ")[0].rstrip(". ")[:120] or "out of memory"
+    tips = []
+    if during == "loading the model":
+        if not m.load_in_4bit:
+            tips.append("set model.load_in_4bit: true")
+        tips.append("choose a smaller model (`qtune models` lists the memory each needs)")
+    else:
+        tips.append(
+            f"lower training.per_device_train_batch_size (now {t.per_device_train_batch_size}) and raise "
+            f"training.gradient_accumulation_steps (now {t.gradient_accumulation_steps}) to keep the effective batch"
+        )
+        tips.append(f"shorten model.max_seq_length (now {m.max_seq_length})")
+        if config.lora.gradient_checkpointing is False:
+            tips.append('turn on lora.gradient_checkpointing ("unsloth" or true)')
+        if not m.load_in_4bit:
+            tips.append("set model.load_in_4bit: true")
+    return QtuneError(f"the GPU ran out of memory while {during} ({detail}); " + "; or ".join(tips))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A checkpoint folder the trainer finished: it writes trainer_state.json last, after the
+    weights, optimizer, scheduler and RNG state; a kill mid-save leaves it missing or cut short."""
+    path = Path(path)
+    step = checkpoint_step(path)
+    if step is None or not path.is_dir():
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return False
+    names = {p.name for p in path.iterdir()}
+    return (
+        any(n.endswith(".safetensors") for n in names)
+        and {"optimizer.pt", "scheduler.pt"} <= names
+        and any(n.startswith("rng_state") for n in names)
+    )
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) for every checkpoint-N folder, by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted((step, path, checkpoint_is_complete(path)) for step, path in found)
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    complete = [path for _, path, ok in list_checkpoints(folder) if ok]
+    return complete[-1] if complete else None
+
+
+# --------------------------------------------------------------------------- training
 
 
 def train(run: RunContext, model, tokenizer, train_dataset, callbacks: list[TrainingCallback], resume_from: str | None = None):
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
+    bridge = make_bridge(run, callbacks)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(run, model),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[make_bridge(run, callbacks)],
+        callbacks=[bridge],
     )
+    bridge.trainer = trainer
     # Progress and metrics reach the user through qtune's callbacks and metrics.jsonl.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise out_of_memory_error(error, run.config) from None
+        raise
     run.summary["train_runtime_s"] = round(time.perf_counter() - started, 2)
     run.summary["train_loss"] = round(float(result.training_loss), 6)
     run.summary["steps"] = int(result.global_step)

@@ -11,6 +11,8 @@ import click
 
 from qtune import __version__
 from qtune.errors import QtuneError
+from qtune_cli.export_cmd import export
+from qtune_cli.models_cmd import models
 
 
 def console(stderr: bool = False):
@@ -75,21 +77,43 @@ def _load(config_path, overrides):
     return load_config(config_path, tuple(overrides))
 
 
+def _exit_with_findings(findings) -> None:
+    """Print preflight errors, one line each on stderr, and exit non-zero."""
+    for finding in findings:
+        click.echo(f"Error: {finding}", err=True)
+    raise click.exceptions.Exit(1)
+
+
 @cli.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config_path", metavar="[CONFIG]", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set training.max_steps=10 (repeatable).")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(path_type=Path),
+              help="Continue RUN_DIR from its last complete checkpoint, with the run's saved config.yaml.")
 @click.option("--progress/--no-progress", default=True, help="Show the live progress bar.")
-def run(config_path: Path, overrides: tuple[str, ...], progress: bool):
-    """Fine-tune with the configuration in CONFIG."""
-    config = _load(config_path, overrides)
+def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path | None, progress: bool):
+    """Fine-tune with the configuration in CONFIG, after the checks of `qtune validate`."""
+    if resume_dir is not None:
+        if config_path is not None or overrides:
+            raise QtuneError("--resume continues RUN_DIR with its saved config.yaml; leave out CONFIG and --set")
+        from qtune.pipeline import open_for_resume
+
+        config, _ = open_for_resume(resume_dir)
+    elif config_path is None:
+        raise QtuneError("give a CONFIG file to run (`qtune init` writes one), or --resume RUN_DIR")
+    else:
+        config = _load(config_path, overrides)
     quiet_libraries()
     from qtune.pipeline import run as run_pipeline
     from qtune.plugin_manager import get_host
+    from qtune.preflight import PreflightError
 
     out = console()
     extra = [get_host().callbacks.get("rich_progress")()] if progress else []
-    ctx = run_pipeline(config, out, extra_callbacks=extra)
+    try:
+        ctx = run_pipeline(config, out, extra_callbacks=extra, resume=resume_dir)
+    except PreflightError as error:
+        _exit_with_findings(error.findings)
     _print_summary(out, ctx)
 
 
@@ -205,36 +229,46 @@ def plugins(as_json: bool):
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
-def validate(config_path: Path, overrides: tuple[str, ...]):
-    """Check CONFIG (schema and plugin names) without loading a model."""
+@click.option("--show", type=click.IntRange(0), default=0, metavar="N",
+              help="Print N training examples as trained: masked prompt dim, trained tokens bold green, EOS shown.")
+def validate(config_path: Path, overrides: tuple[str, ...], show: int):
+    """Check CONFIG before any GPU time: schema, plugin names, data, tokens (loads the tokenizer, never the weights)."""
     config = _load(config_path, overrides)
-    click.echo(f"{config_path}: valid (template {config.template}, backend {config.model.backend}, model {config.model.name})")
+    quiet_libraries()
+    from qtune.preflight import preflight, print_findings, show_examples
 
-
-def _add_optional_commands() -> None:
-    # Commands kept in their own modules (export, models); each imports only click at module level.
-    import importlib.util
-
-    for module, name in (("qtune_cli.export_cmd", "export"), ("qtune_cli.models_cmd", "models")):
-        if importlib.util.find_spec(module):  # TODO(lead): import directly once both modules landed
-            cli.add_command(getattr(__import__(module, fromlist=[name]), name))
+    report = preflight(config)
+    out = console()
+    print_findings(report, out, out)
+    if show:
+        show_examples(report, show, out)
+    if report.errors:
+        _exit_with_findings(report.errors)
+    stats = report.stats
+    click.echo(
+        f"{config_path}: valid ({stats.get('examples', 0)} training examples, {stats.get('trained_tokens', 0):,} of "
+        f"{stats.get('tokens', 0):,} tokens trained; template {config.template}, backend {config.model.backend}, model {config.model.name})"
+    )
 
 
 def _add_plugin_commands() -> None:
     from qtune.plugin_manager import get_host
 
-    get_host().pm.hook.register_commands(cli=cli)
+    get_host().add_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        _add_optional_commands()
         _add_plugin_commands()
     except QtuneError as error:
         click.echo(f"Error: {error}", err=True)
-        sys.exit(2)
+        sys.exit(1)
     cli.main(args=argv, prog_name="qtune")
 
+
+# Built-in commands kept in their own modules; each imports only click at module level.
+cli.add_command(export)
+cli.add_command(models)
 
 if __name__ == "__main__":
     main()

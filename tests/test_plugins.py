@@ -110,3 +110,40 @@ def test_trace_variable_prints_hook_calls(monkeypatch, capsys):
     monkeypatch.setenv("QTUNE_TRACE_PLUGINS", "1")
     get_host()
     assert "register_templates" in capsys.readouterr().err
+
+
+class CommandAdder:
+    @staticmethod
+    @hookimpl
+    def register_commands(cli):
+        import click
+
+        @cli.command(name="hello-plugin")
+        def hello():
+            """Say hello from a plugin."""
+            click.echo("hello from a plugin command")
+
+
+class BrokenCommands:
+    @staticmethod
+    @hookimpl
+    def register_commands(cli):
+        raise RuntimeError("no commands today")
+
+
+def test_plugins_add_commands_to_the_cli():
+    import click
+
+    group = click.Group()
+    PluginHost(load_installed=False, extra_plugins={"adder": CommandAdder}).add_commands(group)
+    result = CliRunner().invoke(group, ["hello-plugin"])
+    assert result.output == "hello from a plugin command\n"
+
+
+def test_a_plugin_failing_to_add_commands_is_named():
+    import click
+
+    host = PluginHost(load_installed=False, extra_plugins={"broken-commands": BrokenCommands})
+    with pytest.raises(QtuneError) as info:
+        host.add_commands(click.Group())
+    assert "plugin 'broken-commands' failed in register_commands: RuntimeError: no commands today" in str(info.value)

@@ -1,0 +1,426 @@
+"""Preflight: what can be checked before any model weights load, so bad input costs no GPU time.
+
+``qtune validate`` runs it and prints the findings; ``qtune run`` runs it before it creates the run
+directory and stops on any error. It needs the tokenizer (``AutoTokenizer`` on the resolved model
+path) but never the weights, and it tokenizes through :func:`qtune.data.encode_rows`, the very
+function training uses, so the checked tokens are the trained tokens.
+
+Each finding is one line: where (a key path or a dataset row), what is wrong, and how to fix it.
+Errors stop the run; warnings and notes are printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import Config
+from .errors import QtuneError
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
+#: the format of RUN_DIR/preflight.json
+PREFLIGHT_VERSION = 1
+#: rows named one by one before the rest are counted
+ROWS_LISTED = 5
+#: findings of one kind (one per row) before the rest are summed up in one line
+FINDINGS_PER_KIND = 10
+#: file names of pickled weights, which qtune never loads (unpickling runs arbitrary code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    #: a key path (``model.max_seq_length``) or a place in the data (``dataset row 3, field 'output'``)
+    where: str
+    what: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        if self.fix:
+            text += f"; {self.fix}"
+        return " ".join(text.split())  # one line, whatever a message from a library held
+
+
+class PreflightError(QtuneError):
+    """Preflight found errors. ``findings`` holds them; the message has one line per error."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
+        super().__init__("\n".join(str(f) for f in findings))
+
+
+@dataclass
+class Report:
+    config: Config
+    findings: list[Finding] = field(default_factory=list)
+    template: Any = None
+    model_path: Optional[str] = None
+    train_rows: Any = None
+    held_out: Any = None
+    tokenizer: Any = None
+    #: :func:`qtune.data.encode_rows` of the training rows (with the check columns)
+    encoded: Any = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, level: str, where: str, what: str, fix: str = "") -> None:
+        self.findings.append(Finding(level, where, what, fix))
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level != ERROR]
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            raise PreflightError(self.errors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"findings": [{"level": f.level, "message": str(f)} for f in self.findings], "data": self.stats}
+
+
+def rows_text(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:ROWS_LISTED])
+    more = f" and {len(rows) - ROWS_LISTED} more" if len(rows) > ROWS_LISTED else ""
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def preflight(config: Config, *, load_tokenizer: bool = True, resuming: bool = False) -> Report:
+    """Check ``config`` (already schema-valid) and its data; with ``load_tokenizer`` also the tokens.
+
+    Never writes anything. Raises nothing for problems it can name: they become findings.
+    """
+    from .plugin_manager import get_host
+
+    report = Report(config=config)
+    report.template = get_host().templates.get(config.template)
+    check_settings(report, resuming=resuming)
+    check_data(report)
+    # The token checks need the tokenizer (a few seconds to import and load): they run once the
+    # settings and the data are clean, so a typo is answered at once.
+    if load_tokenizer and not report.errors and report.model_path is not None and report.train_rows is not None:
+        tokenizer = _load_tokenizer(report)
+        if tokenizer is not None:
+            check_tokens(report, tokenizer)
+    return report
+
+
+def check_settings(report: Report, resuming: bool = False) -> None:
+    """The output folder, the run name, the model folder and its weights: file-system checks only."""
+    config = report.config
+    if config.model.trust_remote_code:
+        report.add(WARNING, "model.trust_remote_code", f"is on: loading {config.model.name!r} runs Python code shipped with it",
+                   "turn it off unless you have read that code")
+    if not resuming:
+        _check_output(report)
+    _check_model(report)
+
+
+def _check_output(report: Report) -> None:
+    config = report.config
+    if config.name is not None and not RUN_NAME.fullmatch(config.name):
+        report.add(ERROR, "name", f"{config.name!r} may hold only letters, digits, '.', '_' and '-'", "change `name`")
+        return
+    root = Path(config.training.output_dir).expanduser()
+    if config.name is not None and (root / config.name).exists():
+        report.add(ERROR, "name", f"run directory {str(root / config.name)!r} already exists",
+                   "choose another `name`, remove that folder, or continue it with `qtune run --resume`")
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        report.add(ERROR, "training.output_dir", f"{str(existing)!r} is a file, so {str(root)!r} cannot be a folder",
+                   "choose a folder path")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        report.add(ERROR, "training.output_dir", f"cannot write to {str(existing)!r} (permission denied)", "choose a writable folder")
+
+
+def _check_model(report: Report) -> None:
+    from .models import resolve_model
+
+    name = report.config.model.name
+    try:
+        path = resolve_model(name)
+    except QtuneError as exc:
+        report.add(ERROR, "model.name", str(exc))
+        return
+    report.model_path = path
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: the backend loads it with use_safetensors=True
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    if "config.json" not in names:
+        report.add(ERROR, "model.name", f"{path!r} is not a model folder (no config.json)",
+                   "point model.name at a folder written by save_pretrained, a hub id, or a name from `qtune models`")
+        return
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        report.add(
+            ERROR, "model.name",
+            f"{path!r} holds only pickled weights ({pickles[0]}), and qtune loads safetensors only because unpickling runs code",
+            "if you trust the file, convert it once with python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\" "
+            "and set model.name to the new folder",
+        )
+    else:
+        report.add(ERROR, "model.name", f"{path!r} holds no weights (*.safetensors)", "copy the model's .safetensors files there")
+
+
+def check_data(report: Report) -> None:
+    """Load the rows (no tokenizer): the fields the template needs, present and non-empty."""
+    from .data import ROW_COLUMN, read_rows, split_rows
+
+    config, template = report.config, report.template
+    spec = config.dataset
+    if spec.path and (spec.loader == "files" or (spec.loader == "auto" and _looks_local(spec.path))):
+        path = Path(spec.path).expanduser()
+        if not path.exists():
+            report.add(ERROR, "dataset.path", f"{spec.path!r} not found", "fix the path")
+            return
+        if path.is_file() and not _check_file_start(report, path):
+            return
+    try:
+        rows = read_rows(config, template)
+    except QtuneError as exc:
+        report.add(ERROR, "", str(exc))
+        return
+    indices = rows[ROW_COLUMN]
+    columns = {f: spec.fields.get(f, f) for f in template.fields}
+    for name in template.fields:
+        if name not in rows.column_names:
+            continue
+        empty, wrong = [], []
+        for index, value in zip(indices, rows[name], strict=True):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                empty.append(index)
+            elif isinstance(value, (list, dict)):
+                wrong.append(index)
+        column = f" (column {columns[name]!r})" if columns[name] != name else ""
+        for index in empty[:FINDINGS_PER_KIND]:
+            report.add(ERROR, f"dataset row {index}, field {name!r}{column}", "is empty", "fill it in or remove the row")
+        if len(empty) > FINDINGS_PER_KIND:
+            report.add(ERROR, f"dataset, field {name!r}{column}", f"{len(empty) - FINDINGS_PER_KIND} more rows are empty",
+                       "fill them in or remove them")
+        if wrong:
+            report.add(ERROR, f"dataset field {name!r}{column}", f"holds lists or mappings, not text ({rows_text(wrong)})",
+                       "map the field to a text column with dataset.fields")
+    try:
+        report.train_rows, report.held_out = split_rows(rows, config)
+    except QtuneError as exc:
+        report.add(ERROR, "", str(exc))
+
+
+def _check_file_start(report: Report, path: Path) -> bool:
+    """What a parser would only say obscurely: a file of blank lines, a JSON file that is not a
+    list or an object. Reads the first 64 KiB."""
+    with open(path, "rb") as handle:
+        head = handle.read(65536)
+    start = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    suffix = path.suffix.lower()
+    if head and not start and path.stat().st_size <= len(head):
+        report.add(ERROR, "dataset.path", f"{str(path)!r} holds only blank lines, no rows", "add rows or fix dataset.path")
+        return False
+    if suffix == ".json" and start and start not in (b"[", b"{"):
+        report.add(ERROR, "dataset.path", f"{str(path)!r} is not a JSON list of rows (it starts with {start.decode('latin-1')!r})",
+                   "write a list of objects, [{\"instruction\": ..., \"output\": ...}, ...]")
+        return False
+    if suffix == ".jsonl" and start and start != b"{":
+        report.add(ERROR, "dataset.path", f"{str(path)!r} is not JSON Lines of rows (it starts with {start.decode('latin-1')!r})",
+                   "write one JSON object per line")
+        return False
+    return True
+
+
+def _looks_local(path: str) -> bool:
+    lower = path.lower()
+    return path.startswith((".", "/", "~")) or lower.endswith((".json", ".jsonl", ".csv", ".parquet", ".pq"))
+
+
+def _load_tokenizer(report: Report):
+    config = report.config
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(report.model_path, trust_remote_code=config.model.trust_remote_code)
+    except Exception as exc:  # OSError (missing files, offline), ValueError (unknown class), ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        report.add(ERROR, "model.name", f"cannot load the tokenizer of {report.model_path!r}: {first}",
+                   "point model.name at a folder with the tokenizer files, or set HF_HUB_OFFLINE=0 to fetch it once")
+        return None
+
+
+def check_tokens(report: Report, tokenizer) -> None:
+    """EOS, pad, truncation, masking and the response marker, on the tokens training will use."""
+    from .data import encode_rows, encoded_stats, ensure_distinct_pad
+
+    config, template = report.config, report.template
+    report.tokenizer = tokenizer
+    max_length = config.model.max_seq_length
+    if tokenizer.eos_token_id is None:
+        report.add(ERROR, "tokenizer", f"{report.model_path!r} has no EOS token, so the model cannot learn to stop",
+                   "set eos_token in its tokenizer_config.json")
+        return
+    note = ensure_distinct_pad(tokenizer)
+    if note:
+        report.add(NOTE, "tokenizer", note)
+    elif tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        report.add(WARNING, "tokenizer", f"the pad token is {tokenizer.pad_token!r}, the same as EOS, and no distinct one is in the vocabulary",
+                   "add a pad token to the tokenizer (Unsloth refuses pad == EOS)")
+
+    encoded = encode_rows(report.train_rows, template, tokenizer, config)
+    report.encoded = encoded
+    columns = encoded.select_columns(["row", "length", "truncated", "trained", "eos_trained", "had_eos", "marker_found", "error"]).to_dict()
+    rows = columns["row"]
+    n = len(rows)
+
+    failed = [(r, e) for r, e in zip(rows, columns["error"], strict=True) if e]
+    for row, error in failed[:FINDINGS_PER_KIND]:
+        report.add(ERROR, f"dataset row {row}", f"template {template.name!r} failed to render it: {error}", "fix the row or the template")
+    if len(failed) > FINDINGS_PER_KIND:
+        report.add(ERROR, "dataset", f"template {template.name!r} failed on {len(failed) - FINDINGS_PER_KIND} more rows", "fix them")
+    ok = [not e for e in columns["error"]]
+
+    if config.training.train_on_responses_only and template.response_marker:
+        missing = [r for r, found, good in zip(rows, columns["marker_found"], ok, strict=True) if good and not found]
+        if missing:
+            report.add(ERROR, f"dataset {rows_text(missing)}",
+                       f"the response marker {template.response_marker!r} of template {template.name!r} is not in the rendered prompt",
+                       "fix the template's response_marker or turn off training.train_on_responses_only")
+
+    truncated = [r for r, cut, good in zip(rows, columns["truncated"], ok, strict=True) if good and cut]
+    no_eos = [r for r, eos, cut, good in zip(rows, columns["eos_trained"], columns["truncated"], ok, strict=True) if good and not cut and not eos]
+    if no_eos:
+        report.add(ERROR, f"dataset {rows_text(no_eos)}", "the labels do not end in a trained EOS token, so the model would not learn to stop",
+                   "check the template (it must not mask the completion's end)")
+    if truncated:
+        longest = max(length for length, cut, good in zip(columns["length"], columns["truncated"], ok, strict=True) if good and cut)
+        share = len(truncated) / n
+        level = ERROR if len(truncated) == sum(ok) else WARNING
+        report.add(level, "model.max_seq_length",
+                   f"{len(truncated)} of {n} examples ({share:.0%}; {rows_text(truncated)}) are longer than {max_length} tokens "
+                   f"and will be cut, losing their EOS (the longest has {longest})",
+                   f"raise model.max_seq_length to {longest} or shorten those rows")
+
+    masked = [r for r, count, good in zip(rows, columns["trained"], ok, strict=True) if good and count == 0]
+    if masked:
+        level = ERROR if len(masked) == sum(ok) else WARNING
+        consequence = "no example is left to train on" if level == ERROR else "these rows are left out of training"
+        report.add(level, f"dataset {rows_text(masked)}",
+                   f"every label is masked (-100) because the prompt fills model.max_seq_length ({max_length}); {consequence}",
+                   "raise model.max_seq_length, shorten the prompts or turn off training.train_on_responses_only")
+
+    had_eos = [r for r, flag, good in zip(rows, columns["had_eos"], ok, strict=True) if good and flag]
+    if had_eos:
+        report.add(NOTE, f"dataset {rows_text(had_eos)}", "the text already ends in the EOS token; qtune appends none there, so EOS is never doubled")
+
+    report.stats = encoded_stats(encoded)
+    report.stats.update({"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token})
+
+
+# --------------------------------------------------------------------------- reuse and fingerprint
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers turn every text into the same ids (same class, vocabulary, rules and
+    special tokens), so preflight's encoded rows can be trained as they are."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            return False
+    backend_a, backend_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if backend_a is None or backend_b is None:
+        return False
+    return backend_a.to_str() == backend_b.to_str()
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 of the training ids and labels: a resumed run refuses data that changed."""
+    digest = hashlib.sha256()
+    for batch in dataset.select_columns(["input_ids", "labels"]).iter(batch_size=1000):
+        digest.update(json.dumps(batch["input_ids"], separators=(",", ":")).encode())
+        digest.update(json.dumps(batch["labels"], separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def print_findings(report: Report, out, err) -> None:
+    """Warnings and notes on ``out`` (Rich consoles); errors are the caller's (they stop the run)."""
+    for finding in report.warnings:
+        colour = "yellow" if finding.level == WARNING else "cyan"
+        out.print(f"[{colour}]{finding.level}:[/] ", end="", soft_wrap=True)
+        out.print(str(finding), markup=False, highlight=False, soft_wrap=True)  # one line, never wrapped
+
+
+def show_examples(report: Report, count: int, out) -> None:
+    """Print ``count`` training examples as trained: masked tokens dim, trained tokens bold green,
+    EOS shown as its token text (reversed when trained)."""
+    from rich.rule import Rule
+    from rich.text import Text
+
+    from .data import ROW_COLUMN
+
+    if report.tokenizer is None or report.train_rows is None:
+        return
+    rows = report.train_rows
+    out.print(Text.assemble(("masked (not trained)", "dim"), "  ", ("trained", "bold green"), "  ",
+                            (report.tokenizer.eos_token or "EOS", "bold green reverse"), " = EOS"))
+    for position in range(min(count, len(rows))):
+        example = dict(rows[position])
+        text = render_example(example, report.template, report.tokenizer, report.config)
+        row = example.get(ROW_COLUMN, position)
+        out.print(Rule(f"example {position + 1} (dataset row {row})", style="dim"))
+        out.print(text)
+
+
+def render_example(example: dict, template, tokenizer, config: Config):
+    """One example as a Rich Text, styled by its labels (see :func:`show_examples`)."""
+    from rich.text import Text
+
+    from .data import IGNORE_INDEX, tokenize_example
+
+    tokenized = tokenize_example(example, template, tokenizer, config.model.max_seq_length,
+                                 config.training.train_on_responses_only, with_offsets=True)
+    text, offsets = tokenized.text or "", tokenized.offsets or []
+    result = Text()
+    cursor = 0
+    eos = tokenizer.eos_token_id
+    for index, token_id in enumerate(tokenized.input_ids):
+        trained = tokenized.labels[index] != IGNORE_INDEX
+        style = "bold green" if trained else "dim"
+        if index < len(offsets):
+            start, end = offsets[index]
+            if end > start:
+                piece = text[max(start, cursor):end]
+                if start > cursor:  # characters no token spans (rare): shown with this token
+                    piece = text[cursor:end]
+                cursor = max(cursor, end)
+                result.append(piece, style=style)
+                continue
+            if token_id != eos:  # a special token the tokenizer added (BOS): its own text
+                result.append(tokenizer.convert_ids_to_tokens(token_id), style=style)
+                continue
+        # the EOS qtune appended (or one in the text): always visible
+        result.append(tokenizer.eos_token or "<eos>", style=f"{style} reverse")
+    if tokenized.truncated:
+        result.append(f" … cut at model.max_seq_length ({config.model.max_seq_length} of {tokenized.length} tokens)", style="red")
+    return result

@@ -1,0 +1,375 @@
+"""A corpus of bad inputs. Each case runs the installed `qtune` executable in a fresh process, as a
+user would, and must end with one line on stderr, a non-zero exit, no traceback, and nothing
+written: the listing of the case's folder is the same before and after, and no run directory
+appears. Every case fails before a model's weights load; most before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ALPACA_ROWS, write_jsonl
+
+QTUNE = str(Path(sys.executable).with_name("qtune"))
+
+CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {}
+
+
+def case(name: str, *needles: str):
+    """Register a case: a function (tmp, model_dir) -> (argv, env) that builds its files."""
+
+    def decorate(build):
+        CASES[name] = (build, needles)
+        return build
+
+    return decorate
+
+
+def base_config(tmp: Path, model_dir: Path) -> dict:
+    data = write_jsonl(tmp / "alpaca.jsonl", ALPACA_ROWS)
+    return {
+        "name": "tiny",
+        "model": {"name": str(model_dir), "backend": "transformers", "max_seq_length": 256, "load_in_4bit": False},
+        "lora": {"r": 8, "alpha": 16, "gradient_checkpointing": False},
+        "template": "alpaca",
+        "dataset": {"path": str(data)},
+        "training": {"max_steps": 2, "optim": "adamw_torch", "output_dir": str(tmp / "runs")},
+        "callbacks": [],
+    }
+
+
+def config_with(tmp: Path, model_dir: Path, **sections) -> Path:
+    config = base_config(tmp, model_dir)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def run_with(**sections):
+    """A case whose config is the base config updated by ``sections``."""
+    return lambda tmp, model: (["run", config_with(tmp, model, **sections)], {})
+
+
+def run_text(text: str | bytes):
+    """A case whose config file holds exactly ``text``."""
+
+    def build(tmp, model):
+        path = tmp / "config.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        return ["run", path], {}
+
+    return build
+
+
+def with_data(name: str, content: str | bytes, **sections):
+    """A case whose dataset is the file ``name`` holding ``content``."""
+
+    def build(tmp, model):
+        data = tmp / name
+        data.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        return ["run", config_with(tmp, model, dataset={"path": str(data)}, **sections)], {}
+
+    return build
+
+
+def with_plugin(code: str, **sections):
+    """A case with QTUNE_PLUGINS_DIR holding one plugin module."""
+
+    def build(tmp, model):
+        folder = tmp / "plugins"
+        folder.mkdir()
+        (folder / "local_plugin.py").write_text(code, encoding="utf-8")
+        return ["run", config_with(tmp, model, **sections)], {"QTUNE_PLUGINS_DIR": str(folder)}
+
+    return build
+
+
+# --------------------------------------------------------------------------- the config file
+
+case("yaml-syntax", "not valid YAML", "line 2")(run_text("training: [1, 2\nlora: {r: 8}\n"))
+case("yaml-not-a-mapping", "must hold a mapping")(run_text("- model\n- lora\n"))
+case("config-not-utf8", "not UTF-8")(run_text(b"name: caf\xe9\ntraining: {max_steps: 2}\n"))
+case("config-missing", "not found", "qtune init")(lambda tmp, model: (["run", tmp / "nope.yaml"], {}))
+case("unknown-key", "training.max_stepz", "did you mean 'training.max_steps'")(run_with(training={"max_stepz": 3}))
+case("unknown-section", "'modle'", "did you mean 'model'")(run_with(modle={"name": "x"}))
+case("wrong-type-string", "training.max_steps", "'ten'")(run_with(training={"max_steps": "ten"}))
+case("wrong-type-list", "lora.r")(run_with(lora={"r": [8]}))
+case("zero-rank", "lora.r", "greater than 0")(run_with(lora={"r": 0}))
+case("negative-batch", "training.per_device_train_batch_size", "greater than 0")(
+    run_with(training={"per_device_train_batch_size": -2}))
+case("zero-accumulation", "training.gradient_accumulation_steps")(run_with(training={"gradient_accumulation_steps": 0}))
+case("negative-learning-rate", "training.learning_rate")(run_with(training={"learning_rate": -0.001}))
+case("dropout-out-of-range", "lora.dropout", "less than 1")(run_with(lora={"dropout": 1.5}))
+case("limit-zero", "dataset.limit", "greater than 0")(run_with(dataset={"limit": 0}))
+case("unknown-dtype", "model.dtype", "bfloat16")(run_with(model={"dtype": "float8"}))
+case("absurd-max-seq-length", "model.max_seq_length", "less than or equal")(run_with(model={"max_seq_length": 10**12}))
+case("unknown-template", "unknown template 'alpacca'", "did you mean 'alpaca'")(run_with(template="alpacca"))
+case("unknown-backend", "unknown backend 'vllm'", "model.backend")(run_with(model={"backend": "vllm"}))
+case("unknown-export-format", "unknown export format 'onnx'", "exports[0].format")(run_with(exports=["onnx"]))
+case("unknown-callback", "unknown callback 'wandb'")(run_with(callbacks=["wandb"]))
+case("unknown-dataset-loader", "unknown dataset loader 's3'")(run_with(dataset={"loader": "s3"}))
+case("callback-bad-options", "callbacks[0]", "bad options")(
+    run_with(callbacks=[{"name": "memory_monitor", "options": {"every": 5}}]))
+case("exact-match-without-eval-rows", "dataset.eval_size")(run_with(evaluation={"exact_match": True}))
+case("eval-size-too-large", "dataset.eval_size", "leaves no training rows")(run_with(dataset={"eval_size": 50}))
+case("run-name-with-space", "name", "may hold only")(run_with(name="my run"))
+
+
+@case("set-without-equals", "not KEY=VALUE", "--set training.max_steps=10")
+def _(tmp, model):
+    return ["run", config_with(tmp, model), "--set", "training.max_steps"], {}
+
+
+@case("set-into-a-value", "template is not a section")
+def _(tmp, model):
+    return ["run", config_with(tmp, model), "--set", "template.name=x"], {}
+
+
+@case("set-unknown-key", "training.batch_size", "per_device_train_batch_size")
+def _(tmp, model):
+    return ["run", config_with(tmp, model), "--set", "training.batch_size=4"], {}
+
+
+# --------------------------------------------------------------------------- the data
+
+case("dataset-missing", "dataset.path", "not found")(run_with(dataset={"path": "data/missing.jsonl"}))
+case("dataset-empty-jsonl", "is empty")(with_data("data.jsonl", ""))
+case("dataset-blank-lines", "dataset.path", "only blank lines")(with_data("data.jsonl", "\n\n\n"))
+case("dataset-json-scalar", "dataset.path", "not a JSON list of rows")(with_data("data.json", "5\n"))
+case("dataset-jsonl-of-lists", "dataset.path", "not JSON Lines of rows")(with_data("data.jsonl", '["instruction", "output"]\n'))
+case("dataset-csv-wrong-header", "lacks column 'instruction'", "dataset.fields.instruction")(
+    with_data("data.csv", "question,answer\nWhat is 2 + 2?,4\n"))
+case("dataset-not-utf8", "not UTF-8")(with_data("data.jsonl", b'{"instruction": "caf\xe9", "output": "x"}\n'))
+case("dataset-wrong-columns", "lacks column 'instruction'")(
+    with_data("data.jsonl", json.dumps({"prompt": "Say hi.", "completion": "Hi."}) + "\n"))
+case("dataset-unknown-format", "one format")(with_data("data.txt", "instruction: hi\n"))
+case("dataset-field-mapping-unknown", "dataset.fields.question", "has no field 'question'")(
+    run_with(dataset={"fields": {"question": "q"}}))
+
+
+@case("dataset-empty-output", "dataset row 2, field 'output'", "is empty")
+def _(tmp, model):
+    rows = [dict(r) for r in ALPACA_ROWS]
+    rows[2]["output"] = "  "
+    data = write_jsonl(tmp / "rows.jsonl", rows)
+    return ["run", config_with(tmp, model, dataset={"path": str(data)})], {}
+
+
+@case("dataset-null-instruction", "dataset row 1, field 'instruction' (column 'question')", "is empty")
+def _(tmp, model):
+    rows = [{"question": r["instruction"], "output": r["output"]} for r in ALPACA_ROWS]
+    rows[1]["question"] = None
+    data = write_jsonl(tmp / "rows.jsonl", rows)
+    return ["run", config_with(tmp, model, dataset={"path": str(data), "fields": {"instruction": "question"}})], {}
+
+
+@case("dataset-folder-without-data", "holds no")
+def _(tmp, model):
+    (tmp / "empty").mkdir()
+    return ["run", config_with(tmp, model, dataset={"path": str(tmp / "empty"), "loader": "files"})], {}
+
+
+# --------------------------------------------------------------------------- tokens (need the tokenizer, not the weights)
+
+case("every-example-cut", "model.max_seq_length", "will be cut")(run_with(model={"max_seq_length": 8}))
+
+MARKERLESS_TEMPLATE = '''
+from qtune import hookimpl
+from qtune.types import PromptTemplate
+
+class Plain(PromptTemplate):
+    name = "plain"
+    fields = ("instruction", "output")
+    response_marker = "### Answer:"
+
+    def render_prompt(self, example):
+        return f"Q: {example['instruction']}\\nA: "
+
+    def render_completion(self, example):
+        return str(example["output"])
+
+@hookimpl
+def register_templates(register):
+    register(Plain())
+'''
+case("response-marker-missing", "response marker '### Answer:'", "train_on_responses_only")(
+    with_plugin(MARKERLESS_TEMPLATE, template="plain", training={"train_on_responses_only": True}))
+
+PICKY_TEMPLATE = '''
+from qtune import hookimpl
+from qtune.types import PromptTemplate
+
+class Picky(PromptTemplate):
+    name = "picky"
+    fields = ("instruction", "output")
+
+    def render_prompt(self, example):
+        if example["instruction"].startswith("Add"):
+            raise ValueError("numbers are not supported")
+        return example["instruction"] + "\\n"
+
+    def render_completion(self, example):
+        return str(example["output"])
+
+@hookimpl
+def register_templates(register):
+    register(Picky())
+'''
+case("template-fails-on-a-row", "dataset row 2", "failed to render it", "ValueError")(with_plugin(PICKY_TEMPLATE, template="picky"))
+
+
+@case("tokenizer-without-eos", "no EOS token")
+def _(tmp, model):
+    folder = tmp / "model-no-eos"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(model / name, folder / name)
+    (folder / "model.safetensors").symlink_to(model / "model.safetensors")
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
+
+
+# --------------------------------------------------------------------------- the output folder
+
+case("output-dir-under-a-file", "training.output_dir", "is a file")(
+    lambda tmp, model: ((tmp / "afile").write_text("x"), (["run", config_with(tmp, model, training={"output_dir": str(tmp / "afile" / "runs")})], {}))[1])
+
+
+@case("run-directory-exists", "already exists", "--resume")
+def _(tmp, model):
+    (tmp / "runs" / "tiny").mkdir(parents=True)
+    return ["run", config_with(tmp, model)], {}
+
+
+# --------------------------------------------------------------------------- the model folder
+
+case("model-path-missing", "model.name", "does not exist")(run_with(model={"name": "./models/nope"}))
+
+
+@case("model-pickle-only", "pickled weights (pytorch_model.bin)", "safetensors only", "use_safetensors=False")
+def _(tmp, model):
+    folder = tmp / "pickled-model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, folder / name)
+    (folder / "pytorch_model.bin").write_bytes(b"not a real pickle: it must never be opened")
+    return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
+
+
+@case("model-without-weights", "holds no weights")
+def _(tmp, model):
+    folder = tmp / "bare-model"
+    folder.mkdir()
+    shutil.copy(model / "config.json", folder / "config.json")
+    return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
+
+
+@case("model-folder-without-config", "no config.json")
+def _(tmp, model):
+    (tmp / "not-a-model").mkdir()
+    return ["run", config_with(tmp, model, model={"name": str(tmp / "not-a-model")})], {}
+
+
+# --------------------------------------------------------------------------- plugins
+
+case("plugin-raises-in-hook", "failed in register_templates", "RuntimeError: boom")(with_plugin(
+    "from qtune import hookimpl\n\n@hookimpl\ndef register_templates(register):\n    raise RuntimeError('boom')\n"))
+case("plugin-fails-to-import", "failed to load", "ModuleNotFoundError")(with_plugin("import qtune_no_such_module\n"))
+case("plugin-callback-fails-to-start", "callbacks[0] (boom", "failed to start", "no GPU monitor here")(with_plugin(
+    "from qtune import hookimpl\nfrom qtune.types import TrainingCallback\n\n"
+    "class Boom(TrainingCallback):\n    name = 'boom'\n\n    def __init__(self, **options):\n"
+    "        raise RuntimeError('no GPU monitor here')\n\n"
+    "@hookimpl\ndef register_callbacks(register):\n    register(Boom)\n", callbacks=["boom"]))
+
+
+@case("plugins-dir-not-a-folder", "QTUNE_PLUGINS_DIR", "not a directory")
+def _(tmp, model):
+    return ["run", config_with(tmp, model)], {"QTUNE_PLUGINS_DIR": str(tmp / "no-such-folder")}
+
+
+# --------------------------------------------------------------------------- resume and the command line
+
+
+@case("resume-not-a-run", "not a qtune run directory")
+def _(tmp, model):
+    (tmp / "somewhere").mkdir()
+    return ["run", "--resume", tmp / "somewhere"], {}
+
+
+@case("resume-without-checkpoint", "no complete checkpoint", "save_steps is 0")
+def _(tmp, model):
+    run_dir = tmp / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    shutil.copy(config_with(tmp, model), run_dir / "config.yaml")
+    return ["run", "--resume", run_dir], {}
+
+
+@case("resume-a-finished-run", "already finished")
+def _(tmp, model):
+    run_dir = tmp / "runs" / "tiny"
+    (run_dir / "adapter").mkdir(parents=True)
+    shutil.copy(config_with(tmp, model), run_dir / "config.yaml")
+    return ["run", "--resume", run_dir], {}
+
+
+@case("resume-with-a-config", "leave out CONFIG")
+def _(tmp, model):
+    return ["run", config_with(tmp, model), "--resume", tmp], {}
+
+
+case("run-without-config", "give a CONFIG")(lambda tmp, model: (["run"], {}))
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and modification time."""
+    result = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.lstat()
+        result[str(path.relative_to(folder))] = (stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
+    return result
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_refused_in_one_line_writing_nothing(name, tmp_path, tiny_qwen_dir):
+    build, needles = CASES[name]
+    work = tmp_path / "case"
+    work.mkdir()
+    argv, env = build(work, tiny_qwen_dir)
+    before = listing(work)
+    result = subprocess.run(
+        [QTUNE, *map(str, argv)], capture_output=True, text=True, cwd=work, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert listing(work) == before, "files were written"
+    assert (work / "runs").exists() == ("runs" in before), "an output folder appeared"
