@@ -139,10 +139,14 @@ class PluginHost:
             spec = importlib.util.spec_from_file_location(name, path)
             assert spec and spec.loader
             module = importlib.util.module_from_spec(spec)
+            # Never leave a __pycache__ behind in the user's plugin folder.
+            writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
             try:
                 spec.loader.exec_module(module)
             except Exception as exc:
                 raise QtuneError(f"plugin file {str(path)!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            finally:
+                sys.dont_write_bytecode = writes_bytecode
             self.pm.register(module, name=str(path))
             self.distributions[str(path)] = ("(plugin dir)", "")
 
