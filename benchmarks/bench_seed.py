@@ -12,17 +12,22 @@ reports non-pad tokens/s, s/step and peak reserved GPU memory, with the ratio to
 
 Workload (the seed's): 4-bit NF4 weights, LoRA r16 alpha16 on the 7 projections, micro-batch 2 x
 gradient accumulation 4, max_seq_length 2048, adamw_8bit, lr 2e-4, warmup 5, seed 3407, on the
-999 Alpaca rows of alpaca_en_demo.json repeated 4 times. The first --warmup optimizer steps
+999 Alpaca rows of alpaca_en_demo.json repeated twice. The first --warmup optimizer steps
 (compilation, allocator growth) are left out of the timing.
 
 Usage
   here (CPU), once:   python benchmarks/bench_seed.py prepare     # .bench/: tokenizer + data
-                      ../shared/device/make-bundle.sh              # .gpu-bundle/site.tgz
+                      EXTRA="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+                        typing-inspection==0.4.5 typing-extensions==4.16.0" ../shared/device/make-bundle.sh
   GPU call (carry .gpu-bundle and .bench):
       mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site &&
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
       python3 benchmarks/bench_seed.py run --out $OUT
-  Options: --setups a,b,c,d  --warmup 3  --steps 15  --budget-s 540 (stop starting setups after it)
+  Options: --setups a,b,c,d  --warmup 4  --steps 14  --budget-s 500 (start no setup after it)
+           --deadline-s 575 (stop a running setup then; the device runs a command 600 s at most)
+  w (an untimed notebook run) can go first so that every timed setup finds torch.compile's and
+  Triton's caches warm; with 4 warm-up steps the first setup was within 3% without it.
+  Diagnostic variants (flags after the letter) are listed at FLAG_LABELS.
 
 Numbers are only comparable inside one call: cards and runs differ (docs/benchmarks.md).
 """
@@ -46,7 +51,7 @@ WORK = Path(os.environ.get("BENCH_WORK", "/tmp/qtune-bench"))
 GIB = 1024**3
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DATA_REPEAT = 4
+DATA_REPEAT = 2
 
 # The notebook's prompt, byte for byte.
 ALPACA_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
@@ -61,11 +66,30 @@ ALPACA_PROMPT = """Below is an instruction that describes a task, paired with an
 {}"""
 
 SETUPS = {
+    "w": "warm-up run of (a), not timed",
     "a": "Unsloth notebook (packing off)",
     "b": "qtune run, seed config",
     "c": "qtune run, fast profile",
     "d": "transformers+peft+bnb, sdpa, grad ckpt",
 }
+# A setup name is its letter, then optional flags, then digits for repeats. Flags (diagnostics):
+#   u  (b, c) `import unsloth` before qtune starts
+#   n  (b, c) `qtune run --no-progress`: no Rich progress bar
+#   g  (a)    the notebook with qtune's SFTConfig differences: gradient_checkpointing=False,
+#             logging_nan_inf_filter=False, data_seed=3407, disable_tqdm=True
+#   f  (a)    the notebook with logging_nan_inf_filter=False only (qtune's setting)
+#   t  (a)    the notebook trained on pre-tokenized input_ids + labels, as qtune hands them to trl
+#   k  (b, c) qtune with SFTConfig.gradient_checkpointing=True, as trl defaults it and the notebook has it
+#   i  (b, c) qtune with SFTConfig.logging_nan_inf_filter=True, as the notebook has it
+FLAG_LABELS = {"u": "unsloth imported first", "n": "--no-progress", "g": "qtune's SFTConfig flags",
+               "f": "logging_nan_inf_filter=False", "t": "pre-tokenized data",
+               "k": "SFTConfig gradient_checkpointing=True", "i": "SFTConfig logging_nan_inf_filter=True"}
+# Wraps qtune.training.sft_config for flags k and i (diagnostics: qtune itself is not changed).
+SFT_OVERRIDE = (
+    "import qtune.training as _t; _f = _t.sft_config\n"
+    "def _g(run, model):\n    a = _f(run, model); a.__dict__.update(OVERRIDES); return a\n"
+    "_t.sft_config = _g\n"
+)
 
 
 # --------------------------------------------------------------------------- timing, in each worker
@@ -83,9 +107,19 @@ class StepTimer:
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.tokens = 0
-        self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens so far)
+        self.marks: list[tuple[int, float, int, float]] = []  # (step, time, tokens so far, GC seconds so far)
         self.start_reserved = None
         self.extra: dict = {}
+        self.gc_seconds = 0.0
+        self._gc_started = 0.0
+
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        # Python's cyclic garbage collector pauses the (host-bound) training loop: time it.
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self.gc_seconds += time.perf_counter() - self._gc_started
+            self._gc_started = 0.0
 
     def attach(self, model) -> None:
         import torch
@@ -99,6 +133,11 @@ class StepTimer:
                 self.tokens += int(ids.numel())
 
         model.register_forward_pre_hook(count, with_kwargs=True)
+        import gc
+
+        gc.collect()
+        self.extra["gc_tracked_objects"] = len(gc.get_objects())
+        gc.callbacks.append(self._gc_callback)
         self.start_reserved = torch.cuda.memory_reserved() / GIB if torch.cuda.is_available() else None
         self.extra["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
         self.step_end(0)
@@ -108,7 +147,7 @@ class StepTimer:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.marks.append((step, time.perf_counter(), self.tokens))
+        self.marks.append((step, time.perf_counter(), self.tokens, self.gc_seconds))
 
     def result(self) -> dict:
         import torch
@@ -116,12 +155,17 @@ class StepTimer:
         marks = [m for m in self.marks if m[0] >= self.warmup]
         out = {"steps_total": self.marks[-1][0] if self.marks else 0, "warmup_steps": self.warmup}
         if len(marks) >= 2:
-            (s0, t0, k0), (s1, t1, k1) = marks[0], marks[-1]
+            (s0, t0, k0, g0), (s1, t1, k1, g1) = marks[0], marks[-1]
+            durations = [b[1] - a[1] for a, b in zip(marks[:-1], marks[1:], strict=True)]
             out.update(
                 steps_timed=s1 - s0,
                 s_per_step=(t1 - t0) / (s1 - s0),
+                median_s_per_step=sorted(durations)[len(durations) // 2],
                 tokens_per_s=(k1 - k0) / (t1 - t0),
                 tokens_per_step=(k1 - k0) / (s1 - s0),
+                gc_s_per_step=(g1 - g0) / (s1 - s0),
+                step_s=[round(d, 4) for d in durations],
+                step_tokens=[b[2] - a[2] for a, b in zip(marks[:-1], marks[1:], strict=True)],
             )
         if torch.cuda.is_available():
             out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
@@ -242,12 +286,15 @@ def _text_dataset(data: str, eos: str):
 
     def formatting_prompts_func(examples):
         texts = []
-        for instruction, input, output in zip(examples["instruction"], examples["input"], examples["output"]):
+        for instruction, input, output in zip(examples["instruction"], examples["input"], examples["output"], strict=True):
             texts.append(ALPACA_PROMPT.format(instruction, input, output) + eos)
         return {"text": texts}
 
     dataset = load_dataset("json", data_files=data, split="train")
     return dataset.map(formatting_prompts_func, batched=True)
+
+
+QTUNE_SFT_FLAGS = {"gradient_checkpointing": False, "logging_nan_inf_filter": False, "data_seed": 3407, "disable_tqdm": True}
 
 
 def _sft_args(steps: int, bf16: bool, **extra):
@@ -279,8 +326,7 @@ def _sft_args(steps: int, bf16: bool, **extra):
 
 def worker_notebook(args: dict) -> dict:
     """Setup a: the seed notebook's calls, in its order."""
-    from unsloth import FastLanguageModel, is_bfloat16_supported  # first, as the notebook does
-    import torch  # noqa: F401
+    from unsloth import FastLanguageModel, is_bfloat16_supported  # noqa: I001  (first, as the notebook does)
 
     max_seq_length = 2048
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -299,6 +345,13 @@ def worker_notebook(args: dict) -> dict:
         loftq_config=None,
     )
     dataset = _text_dataset(args["data"], tokenizer.eos_token)
+    if args.get("pretokenized"):
+        # As qtune hands examples to trl: input_ids (EOS appended) and labels, nothing else.
+        def encode(example):
+            ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"][:2048]
+            return {"input_ids": ids, "labels": list(ids)}
+
+        dataset = dataset.map(encode, remove_columns=dataset.column_names)
     from trl import SFTTrainer
 
     timer, losses = StepTimer(args["warmup"]), []
@@ -306,7 +359,7 @@ def worker_notebook(args: dict) -> dict:
         model=model,
         processing_class=tokenizer,
         train_dataset=dataset,
-        args=_sft_args(args["steps"], is_bfloat16_supported()),
+        args=_sft_args(args["steps"], is_bfloat16_supported(), **args.get("sft_overrides", {})),
         callbacks=[hf_timer_callback(timer, losses)],
     )
     trainer.train()
@@ -414,18 +467,41 @@ def _run(name: str, cmd: list[str], env: dict, timeout: float, log: list) -> tup
 
 
 def _qtune_config(path: Path, name: str, model: str, data: str, steps: int, profile: str) -> None:
+    """The seed config (every other key at its default) pointed at the benchmark checkpoint and data."""
+    training = {"max_steps": steps, "output_dir": str(WORK / "runs"), "profile": profile}
     path.write_text(
-        textwrap.dedent(
-            f"""\
-            # The seed config (every key left at its default) pointed at the benchmark checkpoint and data.
-            name: {name}
-            model: {{name: {model!r}}}
-            dataset: {{path: {data!r}}}
-            training: {{max_steps: {steps}, output_dir: {str(WORK / 'runs')!r}, profile: {profile}}}
-            callbacks: [memory_monitor, bench_timer]
-            """
-        )
+        f"name: {name}\n"
+        f"model: {{name: {model!r}}}\n"
+        f"dataset: {{path: {data!r}}}\n"
+        f"training: {json.dumps(training)}\n"
+        "callbacks: [memory_monitor, bench_timer]\n"
     )
+
+
+def _pipeline_facts(gpu_total_gib: float | None) -> dict:
+    """What the installed qtune's fast profile picks for Qwen2.5-7B on this card (for the report)."""
+    code = textwrap.dedent(
+        """
+        import json
+        from qtune.config import Config
+        facts = {}
+        try:
+            from qtune.profiles import apply_profile
+            from qtune.plugins.models import SHAPES
+            c = Config(); c.training.profile = "fast"
+            f = apply_profile(c, GPU_TOTAL_GIB, shape=SHAPES["qwen2.5-7b"])
+            facts["fast"] = {"lora": {"gradient_checkpointing": f.lora.gradient_checkpointing},
+                             "training": {k: getattr(f.training, k) for k in ("packing", "per_device_train_batch_size", "gradient_accumulation_steps")}}
+        except Exception as exc:
+            facts["fast_error"] = repr(exc)
+        print(json.dumps(facts))
+        """
+    ).replace("GPU_TOTAL_GIB", repr(gpu_total_gib))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except Exception:
+        return {"error": proc.stderr[-2000:]}
 
 
 def run(opts) -> int:
@@ -434,6 +510,8 @@ def run(opts) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if WORK.exists() and not opts.keep:
         shutil.rmtree(WORK)
+    if (WORK / "runs").exists():
+        shutil.rmtree(WORK / "runs")
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "plugins").mkdir(exist_ok=True)
     (WORK / "plugins" / "bench_timer_plugin.py").write_text(PLUGIN_SOURCE.format(script_dir=str(HERE)))
@@ -452,8 +530,14 @@ def run(opts) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                BENCH_WARMUP=str(opts.warmup), QTUNE_PLUGINS_DIR=str(WORK / "plugins"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p) if opts.source else env.get("PYTHONPATH", "")
+    facts = _pipeline_facts(report["versions"].get("gpu_total_gib"))
+    report["qtune"] = facts
+    print(json.dumps(facts), flush=True)
     model = WORK / "qwen2.5-7b-shape-bnb-4bit"
-    rc, wall, output = _run("build", [sys.executable, __file__, "_build", str(model)], env, 300, log)
+    if opts.keep and (model / "config.json").is_file():
+        rc, wall, output = 0, 0.0, '{"reused": true}'
+    else:
+        rc, wall, output = _run("build", [sys.executable, __file__, "_build", str(model)], env, 300, log)
     report["build"] = {"rc": rc, "wall_s": round(wall, 1)}
     if rc == 0:
         for line in output.splitlines():
@@ -466,6 +550,9 @@ def run(opts) -> int:
     order = [s.strip() for s in opts.setups.split(",") if s.strip()]
     for setup in order:
         key = setup.rstrip("0123456789")
+        flags = set(key[1:])
+        preimport = "u" in flags and key[0] in "bc"
+        key = key[0]
         elapsed = time.perf_counter() - t_start
         remaining = opts.budget_s - elapsed
         if remaining < 60:
@@ -473,17 +560,28 @@ def run(opts) -> int:
             print(f"--- {setup}: skipped, {elapsed:.0f} s of {opts.budget_s} s used", flush=True)
             continue
         result_file = WORK / f"result-{setup}.json"
+        result_file.unlink(missing_ok=True)
         worker_env = dict(env, BENCH_RESULT=str(result_file))
-        if key in ("a", "d"):
-            args = json.dumps({"model": str(model), "data": str(data), "steps": opts.steps, "warmup": opts.warmup})
-            cmd = [sys.executable, __file__, "_notebook" if key == "a" else "_transformers", args]
+        if key in ("a", "d", "w"):
+            steps = opts.warmup_run_steps if key == "w" else opts.steps
+            args = json.dumps({"model": str(model), "data": str(data), "steps": steps, "warmup": min(opts.warmup, steps - 1),
+                               "pretokenized": "t" in flags,
+                               "sft_overrides": {**(QTUNE_SFT_FLAGS if "g" in flags else {}),
+                                                 **({"logging_nan_inf_filter": False} if "f" in flags else {})}})
+            cmd = [sys.executable, __file__, "_transformers" if key == "d" else "_notebook", args]
         else:
             config = WORK / f"config-{setup}.yaml"
             _qtune_config(config, f"bench-{setup}", str(model), str(data), opts.steps, "seed" if key == "b" else "fast")
-            cmd = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
-        rc, wall, output = _run(setup, cmd, worker_env, remaining, log)
+            overrides = {**({"gradient_checkpointing": True} if "k" in flags else {}),
+                         **({"logging_nan_inf_filter": True} if "i" in flags else {})}
+            first = ("import unsloth; " if preimport else "") + (SFT_OVERRIDE.replace("OVERRIDES", repr(overrides)) if overrides else "")
+            cmd = [sys.executable, "-c", first + "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
+            if "n" in flags:
+                cmd.append("--no-progress")
+        rc, wall, output = _run(setup, cmd, worker_env, opts.deadline_s - (time.perf_counter() - t_start), log)
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        result.update(label=SETUPS[key], rc=rc, wall_s=round(wall, 1))
+        label = SETUPS[key] + "".join(f" ({FLAG_LABELS[f]})" for f in sorted(flags) if f in FLAG_LABELS)
+        result.update(label=label, rc=rc, wall_s=round(wall, 1))
         if rc != 0:
             result["error_tail"] = "\n".join(output.splitlines()[-15:])
         report["results"][setup] = result
@@ -496,16 +594,25 @@ def run(opts) -> int:
 def _finish(report: dict, log: list[str], out_dir: Path) -> None:
     results = report["results"]
     base = results.get("a", {})
-    for name, r in results.items():
+    for r in results.values():
         if base.get("tokens_per_s") and r.get("tokens_per_s"):
             r["ratio_to_a"] = r["tokens_per_s"] / base["tokens_per_s"]
+        # The same batches in the same order (seed 3407): compare step by step, which is robust to a
+        # few slow steps (a recompilation, a host hiccup).
+        if base.get("step_tokens") and r.get("step_tokens") == base["step_tokens"]:
+            pairs = sorted(a / b for a, b in zip(base["step_s"], r["step_s"], strict=True))
+            r["paired_ratio_to_a"] = pairs[len(pairs) // 2]
         if base.get("peak_reserved_gib") is not None and r.get("peak_reserved_gib") is not None:
             r["peak_delta_vs_a_gib"] = r["peak_reserved_gib"] - base["peak_reserved_gib"]
     checks = {}
-    b, c = results.get("b", {}), results.get("c", {})
-    if "ratio_to_a" in b:
-        checks["b/a tokens/s >= 0.97"] = round(b["ratio_to_a"], 3)
-        checks["|b-a| peak reserved <= 0.25 GiB"] = round(abs(b.get("peak_delta_vs_a_gib", 99)), 3)
+    c = results.get("c", {})
+    for name in ("b", "bu"):
+        b = results.get(name, {})
+        if "ratio_to_a" in b:
+            checks[f"{name}/a tokens/s >= 0.97"] = round(b["ratio_to_a"], 3)
+            if "paired_ratio_to_a" in b:
+                checks[f"{name}/a median step-by-step speed ratio"] = round(b["paired_ratio_to_a"], 3)
+            checks[f"|{name}-a| peak reserved <= 0.25 GiB"] = round(abs(b.get("peak_delta_vs_a_gib", 99)), 3)
     if "ratio_to_a" in c:
         checks["c/a tokens/s >= 6 (target 8)"] = round(c["ratio_to_a"], 2)
     report["checks"] = checks
@@ -514,12 +621,15 @@ def _finish(report: dict, log: list[str], out_dir: Path) -> None:
     v = report.get("versions", {})
     print(f"\ncard: {v.get('gpu')} ({v.get('gpu_total_gib')} GiB), torch {v.get('torch')}, unsloth {v.get('unsloth')}, "
           f"trl {v.get('trl')}, transformers {v.get('transformers')}; {report.get('date')}")
-    print(f"{'setup':<44} {'s/step':>7} {'tok/s':>8} {'x (a)':>6} {'peak GiB':>9} {'tok/step':>9}")
+    print(f"{'setup':<44} {'s/step':>7} {'tok/s':>8} {'x (a)':>6} {'paired':>6} {'peak GiB':>9} {'tok/step':>9}")
     for name, r in results.items():
-        if "skipped" in r or "tokens_per_s" not in r:
-            print(f"{name + ' ' + r.get('label', ''):<44} {'-':>7} {'-':>8} {'-':>6} {'-':>9}  {r.get('skipped') or 'rc=%s' % r.get('rc')}")
+        if name.startswith("w") and r.get("rc") == 0:
             continue
-        print(f"{name + ' ' + r['label']:<44} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>8.0f} {r.get('ratio_to_a', 0):>6.2f} "
+        if "skipped" in r or "tokens_per_s" not in r:
+            print(f"{name + ' ' + r.get('label', ''):<44} {'-':>7} {'-':>8} {'-':>6} {'-':>6} {'-':>9}  {r.get('skipped') or 'rc=' + str(r.get('rc'))}")
+            continue
+        paired = f"{r['paired_ratio_to_a']:.3f}" if "paired_ratio_to_a" in r else "-"
+        print(f"{name + ' ' + r['label']:<44} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>8.0f} {r.get('ratio_to_a', 0):>6.3f} {paired:>6} "
               f"{r.get('peak_reserved_gib', 0):>9.2f} {r['tokens_per_step']:>9.0f}")
     for check, value in checks.items():
         print(f"  {check}: {value}")
@@ -539,13 +649,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="write .bench/ (tokenizer, data) on the CPU machine")
     p = sub.add_parser("run", help="build the checkpoint and time the setups (GPU)")
-    p.add_argument("--setups", default="a,b,c,d", help="comma-separated, in order; a2, b2 ... repeat a setup")
-    p.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the timing")
-    p.add_argument("--steps", type=int, default=15, help="optimizer steps per setup, warm-up included")
-    p.add_argument("--budget-s", type=float, default=540, help="start no setup after this many seconds")
+    p.add_argument("--setups", default="a,b,c,d",
+                   help="comma-separated, in order (w: untimed run that fills the compile caches first; "
+                        "bu/cu: b/c with unsloth imported first; a2, b2 ...: repeats)")
+    p.add_argument("--warmup", type=int, default=4, help="optimizer steps left out of the timing")
+    p.add_argument("--steps", type=int, default=14, help="optimizer steps per setup, warm-up included")
+    p.add_argument("--warmup-run-steps", type=int, default=3, help="steps of the untimed run w")
+    p.add_argument("--budget-s", type=float, default=500, help="start no setup after this many seconds")
+    p.add_argument("--deadline-s", type=float, default=575, help="stop a running setup at this many seconds")
     p.add_argument("--out", default=None, help="where bench_seed.json goes (default $OUT)")
     p.add_argument("--source", action="store_true", help="import qtune from this checkout, not the bundle")
-    p.add_argument("--keep", action="store_true", help="keep an existing work folder")
+    p.add_argument("--keep", action="store_true", help="reuse the work folder and checkpoint of an earlier call on the same machine")
     opts = parser.parse_args(argv)
     if opts.command == "prepare":
         prepare()

@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
@@ -104,7 +105,7 @@ class ModelShape:
         return self.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in names)
 
     @classmethod
-    def from_hf_config(cls, data: Mapping[str, Any]) -> "ModelShape":
+    def from_hf_config(cls, data: Mapping[str, Any]) -> ModelShape:
         """From a ``config.json`` mapping (its ``text_config`` for multimodal checkpoints)."""
         data = data.get("text_config") or data
         heads = int(data["num_attention_heads"])
@@ -236,11 +237,11 @@ def _shape_from_file(path: Path) -> Optional[ModelShape]:
 
 
 def apply_profile(
-    config: "Config",
+    config: Config,
     gpu_total_gib: Optional[float],
     shape: Optional[ModelShape] = None,
     backend: str = "unsloth",
-) -> "Config":
+) -> Config:
     """Return a copy of ``config`` with ``config.training.profile`` applied (see the module doc).
 
     ``gpu_total_gib`` is the card's memory (None on CPU: the fast profile then packs and sizes the
@@ -286,7 +287,7 @@ def apply_profile(
     return new
 
 
-def profile_changes(before: "Config", after: "Config") -> list[str]:
+def profile_changes(before: Config, after: Config) -> list[str]:
     """``["training.packing: False -> True", ...]`` for the settings a profile changed."""
     changes = []
     for section in ("model", "lora", "training"):

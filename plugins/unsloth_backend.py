@@ -3,7 +3,9 @@
 Importing this module is cheap: ``unsloth`` is imported inside :meth:`UnslothBackend.load`, and that
 must happen before trl, transformers or peft are imported in the process, because ``import unsloth``
 patches them (its fused kernels, padding-free batching and SFTTrainer changes apply only to modules
-imported after it). The pipeline therefore loads the model before it imports trl.
+imported after it), and before torch allocates GPU memory (it turns on the allocator's expandable
+segments first). The pipeline therefore loads the model before it imports trl, and
+:meth:`UnslothBackend.unavailable_reason` looks for a GPU without importing torch.
 
 On a machine without a CUDA GPU Unsloth falls back to plain transformers + peft + trl on the CPU
 (slow, but the same calls); qtune only allows that when ``QTUNE_UNSLOTH_ALLOW_CPU=1`` (tests).
@@ -26,6 +28,35 @@ ALLOW_CPU_ENV = "QTUNE_UNSLOTH_ALLOW_CPU"
 PATCHED_MODULES = ("trl", "transformers", "peft")
 
 
+def cuda_device_count() -> int:
+    """The CUDA GPUs the driver offers this process, asked through libcuda without importing torch.
+
+    torch must not be imported before unsloth either: ``import unsloth`` sets the CUDA allocator's
+    ``expandable_segments`` before it imports torch, and the notebook's memory figures depend on it.
+    This is the check ``torch.cuda.is_available()`` makes (driver initialised, devices counted).
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            driver = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    count = ctypes.c_int(0)
+    try:
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+    except AttributeError:
+        return 0
+    return count.value
+
+
 def gradient_checkpointing_arg(value):
     """config.lora.gradient_checkpointing as get_peft_model takes it: "unsloth", True or False."""
     return "unsloth" if value == "unsloth" else bool(value)
@@ -43,11 +74,11 @@ def torch_dtype(name: str):
 def import_unsloth():
     """``import unsloth`` (first, see the module doc) and return its FastLanguageModel."""
     if "unsloth" not in sys.modules:
-        early = [m for m in PATCHED_MODULES if m in sys.modules]
+        early = [m for m in ("torch",) + PATCHED_MODULES if m in sys.modules]
         if early:
             warnings.warn(
                 f"{', '.join(early)} was imported before unsloth; Unsloth's patches may not apply. "
-                "Load the model through the backend before importing trl/transformers/peft.",
+                "Load the model through the backend before importing torch/trl/transformers/peft.",
                 stacklevel=3,
             )
     import unsloth  # noqa: F401  (must precede trl/transformers/peft: it patches them)
@@ -68,11 +99,14 @@ class UnslothBackend(Backend):
             return None
         if importlib.util.find_spec("torch") is None:
             return "torch is not installed"
-        import torch
-
-        if not torch.cuda.is_available():
+        if cuda_device_count() == 0:
             return f"no CUDA GPU found (Unsloth trains on NVIDIA GPUs; {ALLOW_CPU_ENV}=1 forces its slow CPU fallback)"
         return None
+
+    def import_first(self) -> None:
+        """Import unsloth now, before anything imports torch/trl/transformers/peft (the pipeline calls
+        this first when it wants to read the tokenizer before the model loads)."""
+        import_unsloth()
 
     def _from_pretrained(self, config, model_name: str):
         FastLanguageModel = import_unsloth()

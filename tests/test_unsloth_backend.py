@@ -48,14 +48,23 @@ def test_unavailable_without_unsloth(monkeypatch):
 
 @pytest.mark.skipif(not HAVE_UNSLOTH, reason=SKIP_REASON)
 def test_unavailable_without_gpu_unless_forced(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(unsloth_backend, "cuda_device_count", lambda: 0)
     monkeypatch.delenv(ALLOW_CPU_ENV, raising=False)
     reason = UnslothBackend().unavailable_reason(Config())
     assert reason and "no CUDA GPU" in reason and ALLOW_CPU_ENV in reason
     monkeypatch.setenv(ALLOW_CPU_ENV, "1")
     assert UnslothBackend().unavailable_reason(Config()) is None
+
+
+def test_gpu_probe_imports_no_torch():
+    # importing torch before unsloth would keep Unsloth's allocator settings from applying
+    code = (
+        "import os, sys; os.environ['CUDA_VISIBLE_DEVICES'] = ''\n"
+        "from qtune.plugins.unsloth_backend import cuda_device_count\n"
+        "print(cuda_device_count(), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]
 
 
 def test_gradient_checkpointing_values():
@@ -64,11 +73,23 @@ def test_gradient_checkpointing_values():
     assert gradient_checkpointing_arg(False) is False
 
 
-# The child process: the whole `qtune run` pipeline with model.backend=unsloth on a tiny Qwen2.
-# sys.modules keeps insertion order, which is the order in which modules were first imported.
+# The child process: the whole `qtune run` pipeline with model.backend=unsloth on a tiny Qwen2,
+# noting which of torch/trl/transformers/peft were already imported when unsloth's import began.
 CHILD = r"""
 import json, sys
 from pathlib import Path
+
+import qtune.plugins.unsloth_backend as backend_module
+
+imported_first = []
+_import_unsloth = backend_module.import_unsloth
+
+def watched_import_unsloth():
+    if "unsloth" not in sys.modules and not imported_first:
+        imported_first.append([m for m in ("torch", "trl", "transformers", "peft") if m in sys.modules])
+    return _import_unsloth()
+
+backend_module.import_unsloth = watched_import_unsloth
 
 from rich.console import Console
 from qtune.config import load_config
@@ -77,9 +98,8 @@ from qtune.pipeline import run
 args = json.loads(sys.argv[1])
 config = load_config(args["config"])
 ctx = run(config, Console(stderr=True))
-watched = ("unsloth", "trl", "transformers", "peft")
 print("RESULT " + json.dumps({
-    "order": [name for name in sys.modules if name in watched],
+    "imported_before_unsloth": imported_first,
     "run_dir": str(ctx.run_dir),
     "backend": ctx.backend_name,
     "summary": ctx.summary,
@@ -136,9 +156,9 @@ def test_trains_and_saves_through_the_pipeline(tmp_path, tiny_qwen_dir):
     result = lines["RESULT"]
 
     assert result["backend"] == "unsloth"
-    # import unsloth must come first: it patches trl/transformers/peft only when they load after it
-    order = result["order"]
-    assert order and order[0] == "unsloth", f"first imports, in order: {order}"
+    # import unsloth must come first: it patches trl/transformers/peft only when they load after it,
+    # and sets the CUDA allocator's options before torch starts
+    assert result["imported_before_unsloth"] == [[]], f"imported before unsloth: {result['imported_before_unsloth']}"
     assert result["summary"]["steps"] == 3
 
     run_dir = Path(result["run_dir"])
