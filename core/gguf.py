@@ -206,11 +206,39 @@ def _captured_native_output() -> Iterator[Path]:
             os.close(fd)
 
 
-def quantize_gguf(source: Path, dest: Path, quant: str, threads: int | None = None) -> int:
+@contextlib.contextmanager
+def _llama_log(llama_cpp) -> Iterator[list[str]]:
+    """Collect llama.cpp's log messages (all levels) while the block runs.
+
+    llama-cpp-python's own log callback prints to ``sys.stderr`` and, once any model has been
+    loaded with ``verbose=False``, drops everything below ERROR, which would hide the quantizer's
+    per-tensor warnings; its callback is put back afterwards.
+    """
+    import ctypes
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        try:
+            from llama_cpp._logger import llama_log_callback as original
+        except ImportError:  # pragma: no cover - a llama-cpp-python without its logger module
+            original = None
+        llama_cpp.llama_log_set(original, ctypes.c_void_p(0))
+
+
+def quantize_gguf(source: Path, dest: Path, quant: str, threads: int | None = None) -> dict[str, Any]:
     """``llama_model_quantize`` from a 16-bit GGUF to ``quant`` (q8_0, q4_k_m, ...).
 
-    Returns how many tensors llama.cpp stored in another type because their rows do not fit the
-    quantization's block (K-quants need row widths that are multiples of 256).
+    Returns ``{"fallback": N, "tensors": M, "fallback_types": [...]}``: the N of M tensors that
+    llama.cpp stored in another type because their rows do not fit the quantization's block
+    (K-quants need row widths that are multiples of 256), and the types it used instead.
     """
     import ctypes
 
@@ -219,14 +247,29 @@ def quantize_gguf(source: Path, dest: Path, quant: str, threads: int | None = No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, spec.ftype)
     params.nthread = threads or os.cpu_count() or 1
-    with _captured_native_output() as log:
+    with _captured_native_output() as log, _llama_log(llama_cpp) as logged:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
-    text = log.read_text(errors="replace")
+    text = "".join(logged) + log.read_text(errors="replace")
     log.unlink(missing_ok=True)
     if status != 0 or not Path(dest).is_file():
         lines = [line for line in text.splitlines() if line.strip()]
         raise QtuneError(f"llama.cpp could not quantize to {quant}: {lines[-1] if lines else f'status {status}'}; try another --quant")
-    return sum("fallback" in line.lower() for line in text.splitlines())
+    return quantize_fallbacks(text)
+
+
+def quantize_fallbacks(log: str) -> dict[str, Any]:
+    """Read llama.cpp's quantize log: one "-> falling back to TYPE" warning per tensor, and a
+    summary "N of M tensor(s) required fallback quantization"."""
+    import re
+
+    per_tensor = re.findall(r"falling back to\s+(\w+)", log)
+    summary = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", log)
+    tensors = re.search(r"loaded meta data with \d+ key-value pairs and (\d+) tensors", log)
+    return {
+        "fallback": int(summary.group(1)) if summary else len(per_tensor),
+        "tensors": int(summary.group(2)) if summary else (int(tensors.group(1)) if tensors else None),
+        "fallback_types": sorted(set(per_tensor)),
+    }
 
 
 # --------------------------------------------------------------------------- loading and generating
@@ -418,6 +461,7 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    extra: dict[str, Any] = {}
     notes: list[str] = []
     merged_dtype = _merged_dtype(run, quant)
     started = time.perf_counter()
@@ -433,6 +477,7 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
         merged_dir.mkdir()
         save_merged(model, tokenizer, merged_dir, run.template)
         eos_token = tokenizer.eos_token
+        # Runs trained on a tokenizer converted from a GGUF (see the function) need this repair.
         if normalize_byte_level_tokenizer(merged_dir / "tokenizer.json"):
             notes.append("tokenizer.json: byte_fallback turned off for the byte-level BPE (no effect on encoding)")
         del model
@@ -450,16 +495,19 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
                 shutil.rmtree(merged_dir)
                 started = time.perf_counter()
                 fallbacks = quantize_gguf(intermediate, out / name, quant)
-                if fallbacks:
-                    notes.append(f"{fallbacks} tensor(s) could not use {quant} (rows not a multiple of the block) "
-                                 f"and were stored in another type by llama.cpp")
+                if fallbacks["fallback"]:
+                    of = f" of {fallbacks['tensors']}" if fallbacks["tensors"] else ""
+                    kinds = ", ".join(fallbacks["fallback_types"]) or "another type"
+                    notes.append(f"{fallbacks['fallback']}{of} tensors could not use {quant} (row width not a multiple "
+                                 f"of its block) and were stored as {kinds} by llama.cpp")
+                    extra["fallback_tensors"] = fallbacks
                 timings["quantize_s"] = time.perf_counter() - started
             with atomic_file(out / "Modelfile") as handle:
                 handle.write(modelfile_text(name, run.template, eos_token))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     details = {"gguf": str(dest / name), "merged_dtype": merged_dtype, "llama_cpp": str(folder),
-               **{k: round(v, 2) for k, v in timings.items()}}
+               **{k: round(v, 2) for k, v in timings.items()}, **extra}
     if notes:
         details["notes"] = notes
     return sorted(p for p in dest.iterdir() if p.is_file()), details
@@ -468,12 +516,16 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
 def normalize_byte_level_tokenizer(path: Path) -> bool:
     """Turn off ``byte_fallback`` in a byte-level BPE tokenizer.json, where it can never fire.
 
-    Tokenizers that transformers rebuilds from a GGUF (SmolLM2's, for one) combine a ByteLevel
+    Tokenizers that transformers rebuilds from a llama-architecture GGUF combine a ByteLevel
     pre-tokenizer with ``byte_fallback`` and a SentencePiece-style decoder. Without ``<0xXX>`` byte
     tokens in the vocabulary the fallback has nothing to fall back to, so encoding is plain
-    byte-level BPE, as in the original tokenizer. llama.cpp's converter, though, takes the flag for
-    a SentencePiece vocabulary and writes one that aborts llama.cpp on non-ASCII text. Returns
-    whether the file was changed.
+    byte-level BPE. llama.cpp's converter, though, takes the flag for a SentencePiece vocabulary and
+    writes one that aborts llama.cpp on non-ASCII text. Returns whether the file was changed.
+
+    qtune's own SmolLM2 asset is saved clean since asset recipe 2 (:mod:`qtune.assets`); this
+    repair is for the runs whose adapter/ still holds such a tokenizer: runs trained on a recipe-1
+    SmolLM2 (November 2026 builds), and any base model whose tokenizer came from transformers'
+    GGUF conversion. Only a temporary copy is changed, never the run.
     """
     import json
 

@@ -38,6 +38,23 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES.get(name, name))
 
 
+def nf4_config(compute_dtype, quant_type: str = "nf4", double_quant: bool = True):
+    """The BitsAndBytesConfig of QLoRA: NF4, double quantization, ``compute_dtype`` (a torch dtype or
+    its name). The transformers backend loads a 4-bit base with it, merged-4bit saves with it, and
+    verification rebuilds the 4-bit base a run trained on with it (Unsloth quantizes the same way)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, DTYPES.get(compute_dtype, compute_dtype))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_merged(run: FinishedRun, dtype: str = "bfloat16", device: str | None = None) -> tuple[Any, Any]:
     """The base model in ``dtype`` with the run's adapter merged in, and the run's tokenizer."""
     import torch  # noqa: F401  (fail early with torch's own message if it is missing)
@@ -178,7 +195,7 @@ def write_merged_4bit(run: FinishedRun, dest: Path, compute_dtype: str = "bfloat
     and loaded back with a ``BitsAndBytesConfig``; the 16-bit model is freed before that load.
     """
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from .verify import export_device
 
@@ -193,14 +210,8 @@ def write_merged_4bit(run: FinishedRun, dest: Path, compute_dtype: str = "bfloat
         save_merged(model, tokenizer, work, run.template)
         del model
         _free()
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-        )
         quantized = AutoModelForCausalLM.from_pretrained(
-            work, quantization_config=quantization, dtype=getattr(torch, compute_dtype), device_map={"": device},
+            work, quantization_config=nf4_config(compute_dtype), dtype=getattr(torch, compute_dtype), device_map={"": device},
             trust_remote_code=run.config.model.trust_remote_code,
         )
         with atomic_dir(dest) as tmp:

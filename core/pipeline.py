@@ -281,6 +281,10 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
         model, tokenizer = load_model(backend, config, ctx.model_path)
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.device = str(getattr(model, "device", "cpu"))
+    from .verify import describe_quantization
+
+    # what the base was trained as: merged-4bit exports are verified against the same 4-bit base
+    ctx.summary["quantization"] = describe_quantization(model)
     ensure_distinct_pad(tokenizer)  # as preflight did (and said) on its tokenizer
     if same_tokenizer(tokenizer, report.tokenizer):
         train_dataset, stats = trainable(report.encoded), encoded_stats(report.encoded)

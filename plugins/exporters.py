@@ -114,16 +114,21 @@ class Merged4bitExporter(Exporter):
         return ExportResult(self.name, Path(out_dir), files, {"quant_type": "nf4", "double_quant": True, "compute_dtype": compute})
 
     def verify(self, run, result: ExportResult):
-        from qtune.verify import export_device, verify_hf_model
+        """Against what the run trained: for a QLoRA run the NF4 base + adapter (the same
+        BitsAndBytesConfig rebuilt, :func:`qtune.verify.training_quantization`), else the
+        32-bit base + adapter."""
+        from qtune.verify import disable_bnb_cpu_repacking, export_device, training_quantization, verify_hf_model
 
         def load():
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             remote = run.config.model.trust_remote_code
             model = AutoModelForCausalLM.from_pretrained(result.path, device_map={"": export_device()}, trust_remote_code=remote)
+            disable_bnb_cpu_repacking(model)  # the kernels the reference uses
             return model, AutoTokenizer.from_pretrained(result.path, trust_remote_code=remote)
 
-        return verify_hf_model(run, self.name, result.details.get("quant"), load, runtime="transformers + bitsandbytes")
+        return verify_hf_model(run, self.name, result.details.get("quant"), load, runtime="transformers + bitsandbytes",
+                               quantization=training_quantization(run))
 
 
 class GGUFExporter(Exporter):

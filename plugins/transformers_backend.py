@@ -34,16 +34,12 @@ class TransformersBackend(Backend):
 
     def _quantization(self, config, dtype):
         import torch
-        from transformers import BitsAndBytesConfig
+
+        from qtune.merge import nf4_config
 
         if not (config.model.load_in_4bit and torch.cuda.is_available()):
             return None
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        return nf4_config(dtype)  # exports and their verification rebuild the same 4-bit base
 
     def load(self, config, model_path):
         import torch

@@ -40,7 +40,9 @@ def export(run_dir: Path, fmt: str, quant: str | None, verify: bool, out: Path |
 
     from qtune.export import export_run
     from qtune.run import FinishedRun
+    from qtune_cli.main import quiet_libraries
 
+    quiet_libraries()  # the libraries' loading bars and hub-kernel warnings would bury the report
     console = Console(stderr=True, highlight=False)
     run = FinishedRun.open(run_dir)
     options = {"llama_cpp_dir": llama_cpp_dir, "max_shard_size": max_shard_size}

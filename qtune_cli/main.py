@@ -160,12 +160,14 @@ def _print_summary(out, ctx) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-i", "--instruction", required=True, help="The instruction (the template's first field).")
 @click.option("--input", "input_text", default="", help="Optional input / context.")
+@click.option("--system", default=None, help="System prompt, for templates that have one (chatml).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come, or the whole answer at the end.")
-def generate(run_dir: Path, instruction: str, input_text: str, max_new_tokens: int, temperature: float, stream: bool):
+def generate(run_dir: Path, instruction: str, input_text: str, system: str | None, max_new_tokens: int, temperature: float,
+             stream: bool):
     """Answer an instruction with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
-    example = {"instruction": instruction, "input": input_text}
+    example = {"instruction": instruction, "input": input_text, **({"system": system} if system else {})}
     if run_dir.suffix == ".gguf":
         pieces = _gguf_pieces(run_dir, example, max_new_tokens)
     else:

@@ -107,7 +107,7 @@ def test_qwen_tokenizer_matches_tiktoken_and_round_trips(instruct, request):
     normalized = [unicodedata.normalize("NFC", text) for text in texts]
     expected = [reference.encode(text, allowed_special="all") for text in normalized]
     encoded = tokenizer(texts)["input_ids"]
-    mismatches = [(text, ids, want) for text, ids, want in zip(texts, encoded, expected) if ids != want]
+    mismatches = [(text, ids, want) for text, ids, want in zip(texts, encoded, expected, strict=True) if ids != want]
     assert not mismatches, mismatches[:3]
     assert [tokenizer.decode(ids) for ids in encoded] == normalized
 
@@ -280,3 +280,30 @@ def test_smollm2_is_a_plain_float_model_that_knows_paris(smollm2_dir):
         output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# llama.cpp's chkhsh entry "smollm" (SmolLM and SmolLM2 share the tokenizer).
+LLAMA_CPP_SMOLLM_HASH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_is_byte_level_bpe_and_encodes_like_llama_cpp(smollm2_dir):
+    """The saved tokenizer.json is GPT-2-style byte-level BPE (what llama.cpp's converter needs to
+    write a "gpt2"/"smollm" vocabulary) and gives the ids llama.cpp gives reading the shipped GGUF."""
+    pytest.importorskip("llama_cpp")
+    from qtune.gguf import gguf_vocab
+
+    pipeline = json.loads((smollm2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    assert pipeline["model"]["type"] == "BPE" and pipeline["model"]["byte_fallback"] is False
+    assert pipeline["decoder"]["type"] == "ByteLevel"
+    assert [p["type"] for p in pipeline["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    tokenizer = load_tokenizer(smollm2_dir)
+    texts = varied_texts(300, seed=1) + ["\t42", "  007", "x\n\n 12", "ÿ\x00\x7f é ü 漢字 \u200b"]
+    with gguf_vocab(assets.smollm2_gguf_file()) as vocab:
+        expected = [list(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)) for text in texts]
+    got = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    different = [text for text, a, b in zip(texts, expected, got, strict=True) if a != b]
+    assert not different, different[:3]
+    assert all(tokenizer.decode(ids) == text for ids, text in zip(got, texts, strict=True))
+    ids = tokenizer.encode(LLAMA_CPP_CHECK_TEXT, add_special_tokens=False)
+    assert hashlib.sha256(str(ids).encode()).hexdigest() == LLAMA_CPP_SMOLLM_HASH

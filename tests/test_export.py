@@ -175,6 +175,105 @@ def test_merged_4bit_nf4_on_cpu(run):
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
 
 
+QLORA = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+
+
+def qlora_run(run_dir: Path, model_dir: Path, steps: int = 4, lr: float = 3e-3) -> Path:
+    """A run trained in 4-bit on the CPU, as QLoRA trains on a GPU: the base quantized on load with
+    the backend's BitsAndBytesConfig, LoRA on the seven projections, a few Adam steps; summary.json
+    records the quantization (what a GPU run's summary carries)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.config import SEED_TARGET_MODULES, Config
+    from qtune.merge import nf4_config
+    from qtune.verify import describe_quantization, disable_bnb_cpu_repacking
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=nf4_config("bfloat16"),
+                                                device_map={"": "cpu"})
+    disable_bnb_cpu_repacking(base)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SEED_TARGET_MODULES, task_type="CAUSAL_LM"))
+    template = get_host().templates.get("alpaca")
+    texts = [template.render_prompt(row) + template.render_completion(row) + tokenizer.eos_token for row in ALPACA_ROWS]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    run_dir.mkdir(parents=True)
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    config = Config(name=run_dir.name, model={"name": str(model_dir), "load_in_4bit": True}, template="alpaca",
+                    dataset={"path": "rows.jsonl", "loader": "files"})
+    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    (run_dir / "summary.json").write_text(json.dumps({"quantization": describe_quantization(model)}), encoding="utf-8")
+    return run_dir
+
+
+def test_merged_4bit_of_a_qlora_run_is_verified_against_its_nf4_base(tiny_qwen_dir, tmp_path):
+    """A run trained in 4-bit is the NF4 base + adapter: merged-4bit is held to that model, with its own bounds."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.export import export_run
+    from qtune.merge import nf4_config
+    from qtune.run import FinishedRun
+    from qtune.verify import THRESHOLDS, compare, disable_bnb_cpu_repacking, hf_logits, reference_outputs, training_quantization
+
+    run = FinishedRun.open(qlora_run(tmp_path / "qlora", tiny_qwen_dir))
+    assert training_quantization(run) == QLORA
+    result = export_run(run, "merged-4bit", verify=True)
+    report = result.details["verify"]
+    assert report["reference"] == "peft over the NF4 base (double quant, compute bfloat16)"
+    assert (report["min_top1"], report["min_top5"]) == THRESHOLDS["merged-4bit/nf4-base"]
+    assert report["passed"] and report["tokenization_identical"] and report["top5_agreement"] >= 0.95  # 1.00 / 1.00 measured
+    nf4 = reference_outputs(run, 3, QLORA)
+    fp32 = reference_outputs(run, 3)
+    assert fp32.description == "peft float32"
+    assert max(abs(a - b).max() for a, b in zip(nf4.logits, fp32.logits, strict=True)) > 0.05  # a different model
+    # The check tells a merge that lost the adapter: the NF4 base alone fails the same bounds.
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype="bfloat16", quantization_config=nf4_config("bfloat16"),
+                                                device_map={"": "cpu"})
+    disable_bnb_cpu_repacking(base)
+    plain = hf_logits(base.eval(), nf4.token_ids)
+    top5 = [compare(ids, ref, ids, got).top5 for ids, ref, got in zip(nf4.token_ids, nf4.logits, plain, strict=True)]
+    assert sum(top5) / len(top5) < THRESHOLDS["merged-4bit/nf4-base"][1]  # 0.2-0.33 measured
+
+
+@pytest.mark.parametrize(
+    "load_in_4bit, dtype, summary, cuda, expected",
+    [
+        (False, "auto", {"memory": {"device": "NVIDIA H100 80GB HBM3"}}, True, None),
+        (True, "auto", {"memory": {"device": "cpu"}}, False, None),  # the transformers backend quantizes on CUDA only
+        (True, "auto", {"memory": {"device": "NVIDIA H100 80GB HBM3"}}, False, QLORA),  # trained on a GPU, exported here
+        (True, "float16", {"memory": {"device": "Tesla T4"}}, False, {**QLORA, "compute_dtype": "float16"}),
+        (True, "auto", {}, False, None),  # no report: as the backend would load it here
+        (True, "auto", {}, True, QLORA),
+        (True, "auto", {"quantization": None}, True, None),  # a recorded answer wins
+        (False, "auto", {"quantization": {**QLORA, "compute_dtype": "torch.float16"}}, False, {**QLORA, "compute_dtype": "float16"}),
+    ],
+)
+def test_training_quantization_decides_the_merged_4bit_reference(tiny_qwen_dir, tmp_path, monkeypatch, load_in_4bit, dtype,
+                                                                  summary, cuda, expected):
+    import torch
+
+    from qtune.config import Config
+    from qtune.run import FinishedRun
+    from qtune.verify import training_quantization
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    config = Config(model={"name": str(tiny_qwen_dir), "load_in_4bit": load_in_4bit, "dtype": dtype})
+    assert training_quantization(FinishedRun(tmp_path, config)) == expected
+
+
 def test_merge_into_a_prequantized_4bit_base(tiny_qwen_dir, tmp_path):
     """Unsloth's -bnb-4bit checkpoints as base: dequantized (what QLoRA trained against), then merged."""
     import torch

@@ -27,6 +27,11 @@ def test_smollm2_q4_k_m_verifies_and_generates(smol_run):
     print(json.dumps({k: report[k] for k in ("top1_agreement", "top5_agreement", "max_abs_logit_diff", "tokens")}),
           result.details["bytes"], result.details["seconds"])
     assert report["passed"] and report["tokenization_identical"]
+    # the SmolLM2 asset's tokenizer is byte-level BPE as saved: write_gguf had nothing to repair
+    assert not any("byte_fallback" in note for note in result.details.get("notes", []))
+    # SmolLM2's 576-wide rows do not fit K-quant blocks of 256: llama.cpp says which tensors fell back
+    assert result.details["fallback_tensors"]["fallback"] == 180 and result.details["fallback_tensors"]["tensors"] == 272
+    assert any(note.startswith("180 of 272 tensors could not use q4_k_m") for note in result.details["notes"])
     assert report["top1_agreement"] >= 0.75 and report["top5_agreement"] >= 0.99  # 0.82 / 1.00 measured; the random tiny model: 0.61
     gguf = result.path / "smol.Q4_K_M.gguf"
     metadata = gguf_metadata(gguf)
@@ -46,3 +51,31 @@ def test_smollm2_q4_k_m_verifies_and_generates(smol_run):
         llm.close()
     modelfile = (result.path / "Modelfile").read_text()
     assert 'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n' in modelfile
+
+
+def test_tokenizer_repair_for_runs_trained_on_a_gguf_converted_tokenizer(smollm2_dir, tmp_path):
+    """Runs trained on a tokenizer that transformers converted from a GGUF (qtune's SmolLM2 asset
+    before recipe 2) carry byte_fallback and a SentencePiece decoder; write_gguf repairs a copy."""
+    from tokenizers import Tokenizer
+
+    from qtune.gguf import normalize_byte_level_tokenizer
+
+    clean = tmp_path / "clean.json"
+    clean.write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
+    assert normalize_byte_level_tokenizer(clean) is False
+    hybrid = json.loads(clean.read_text(encoding="utf-8"))
+    hybrid["model"]["byte_fallback"] = True
+    hybrid["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(hybrid), encoding="utf-8")
+    before = Tokenizer.from_file(str(path))
+    assert normalize_byte_level_tokenizer(path) is True
+    repaired = json.loads(path.read_text(encoding="utf-8"))
+    assert repaired["model"]["byte_fallback"] is False and repaired["decoder"]["type"] == "ByteLevel"
+    after = Tokenizer.from_file(str(path))
+    for text in ("Grüße, 世界! 😀", "tab\t42 and  007", "plain ascii"):
+        assert before.encode(text).ids == after.encode(text).ids
+        assert after.decode(after.encode(text).ids) == text
+    assert normalize_byte_level_tokenizer(path) is False
