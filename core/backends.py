@@ -24,29 +24,45 @@ def choose_backend(config: Config) -> Backend:
     raise QtuneError("no model backend can run here; install torch and transformers (pip install qtune)")
 
 
-def cuda_total_memory_gib(device: int = 0) -> float | None:
-    """Memory of CUDA device ``device`` in GiB, asked through libcuda without importing torch
-    (Unsloth must be imported before torch in a training process); None without a usable GPU."""
+def _libcuda():
+    """The CUDA driver library, or None where there is no usable GPU. Asked through ctypes so that
+    torch is not imported: Unsloth must be imported before torch in a training process (it turns
+    on the allocator's expandable segments only if torch has not started)."""
     import ctypes
     import os
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return None
-    for name in ("libcuda.so.1", "libcuda.so"):
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             driver = ctypes.CDLL(name)
-            break
         except OSError:
             continue
-    else:
+        try:
+            return driver if driver.cuInit(0) == 0 else None
+        except AttributeError:
+            return None
+    return None
+
+
+def cuda_device_count() -> int:
+    """The CUDA GPUs the driver offers this process (what torch.cuda.is_available() checks)."""
+    import ctypes
+
+    driver, count = _libcuda(), ctypes.c_int(0)
+    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cuda_total_memory_gib(device: int = 0) -> float | None:
+    """Memory of CUDA device ``device`` in GiB, or None without a usable GPU."""
+    import ctypes
+
+    driver, handle, total = _libcuda(), ctypes.c_int(0), ctypes.c_size_t(0)
+    if driver is None or driver.cuDeviceGet(ctypes.byref(handle), device) != 0:
         return None
-    handle, total = ctypes.c_int(0), ctypes.c_size_t(0)
-    try:
-        if driver.cuInit(0) != 0 or driver.cuDeviceGet(ctypes.byref(handle), device) != 0:
-            return None
-        if driver.cuDeviceTotalMem_v2(ctypes.byref(total), handle) != 0:
-            return None
-    except AttributeError:
+    if driver.cuDeviceTotalMem_v2(ctypes.byref(total), handle) != 0:
         return None
     return total.value / 1024**3

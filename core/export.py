@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import QtuneError
-from .fsutil import atomic_file
+from .fsutil import atomic_file, read_json_dict
 from .types import Exporter, ExportResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -173,13 +173,13 @@ def record_export(run: FinishedRun, result: ExportResult) -> None:
     key = Path(result.path).name
     record = json.loads(json.dumps(result_record(result), default=str))
     record_file = run.exports_dir / EXPORTS_RECORD
-    records = _read_json(record_file)
+    records = read_json_dict(record_file)
     records[key] = record
     with atomic_file(record_file) as handle:
         json.dump(records, handle, indent=2)
     summary_file = run.run_dir / "summary.json"
     if summary_file.is_file():
-        summary = _read_json(summary_file)
+        summary = read_json_dict(summary_file)
         exports = summary.get("exports")
         if not isinstance(exports, dict):
             exports = {}
@@ -187,14 +187,6 @@ def record_export(run: FinishedRun, result: ExportResult) -> None:
         summary["exports"] = exports
         with atomic_file(summary_file) as handle:
             json.dump(summary, handle, indent=2, default=str)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def run_exports(run: FinishedRun, entries: Iterable[ExportEntry], console: Any = None) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import QtuneError
 
@@ -57,3 +59,12 @@ def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
             f"not enough disk space for {what} in {str(folder)!r}: need {needed_bytes / 2**30:.1f} GiB, "
             f"{free / 2**30:.1f} GiB free; free some space or choose another output directory"
         )
+
+
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or {} when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

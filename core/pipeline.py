@@ -17,12 +17,11 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from .backends import choose_backend
 from .config import Config
 from .errors import QtuneError
-from .fsutil import atomic_dir, atomic_file
+from .fsutil import atomic_dir, atomic_file, read_json_dict
 from .plugin_manager import get_host
 from .run import ADAPTER_DIR, RunContext
 from .training import (
@@ -205,7 +204,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
     last_time = 0.0
     if resume is not None:
         run_dir = Path(resume)
-        saved = _read_json(run_dir / PREFLIGHT_FILE)
+        saved = read_json_dict(run_dir / PREFLIGHT_FILE)
         if saved.get("fingerprint") not in (None, fingerprint):
             raise QtuneError(
                 f"the training data of {str(run_dir)!r} changed since the run started (dataset or tokenizer), so resuming "
@@ -223,7 +222,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
     ctx.started_at -= last_time
     if checkpoint is not None:
         ctx.summary["resumed_from"] = checkpoint.name
-        previous = _read_json(run_dir / "summary.json")
+        previous = read_json_dict(run_dir / "summary.json")
         if "eval_before" in previous:
             ctx.summary["eval_before"] = previous["eval_before"]
     verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
@@ -259,14 +258,6 @@ def _apply_profile(config: Config, backend, console) -> Config:
     changes = profile_changes(config, applied)
     console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
     return applied
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint):

@@ -21,40 +21,12 @@ import warnings
 from pathlib import Path
 
 from qtune import hookimpl
+from qtune.backends import cuda_device_count
 from qtune.types import Backend
 
 ALLOW_CPU_ENV = "QTUNE_UNSLOTH_ALLOW_CPU"
 #: modules that ``import unsloth`` patches; importing any of them first loses Unsloth's optimizations
 PATCHED_MODULES = ("trl", "transformers", "peft")
-
-
-def cuda_device_count() -> int:
-    """The CUDA GPUs the driver offers this process, asked through libcuda without importing torch.
-
-    torch must not be imported before unsloth either: ``import unsloth`` sets the CUDA allocator's
-    ``expandable_segments`` before it imports torch, and the notebook's memory figures depend on it.
-    This is the check ``torch.cuda.is_available()`` makes (driver initialised, devices counted).
-    """
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return 0
-    import ctypes
-
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            driver = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return 0
-    count = ctypes.c_int(0)
-    try:
-        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-    except AttributeError:
-        return 0
-    return count.value
 
 
 def gradient_checkpointing_arg(value):
