@@ -17,17 +17,18 @@ class RichProgress(TrainingCallback):
     def on_train_start(self, run):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        # Narrow enough for an 80-column terminal or a captured log: step, loss, lr, tokens/s,
+        # memory, elapsed, ETA.
         self.progress = Progress(
-            TextColumn("[bold]training"),
-            BarColumn(),
+            BarColumn(bar_width=10),
             MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}"),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("mem {task.fields[mem]}"),
+            TextColumn("{task.fields[mem]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=run.console,
             transient=False,
         )
@@ -44,7 +45,7 @@ class RichProgress(TrainingCallback):
             self.task,
             completed=step,
             loss=f"{metrics['loss']:.4f}",
-            lr=f"{metrics['learning_rate']:.2e}",
+            lr=f"{metrics['learning_rate']:.1e}",
             tps=f"{tps:,.0f}" if tps else "-",
             mem=f"{current_memory_gib():.2f} GiB",
         )
