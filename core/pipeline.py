@@ -337,6 +337,13 @@ def save_adapter(ctx: RunContext, model, tokenizer) -> Path:
 
 
 def _write_summary(ctx: RunContext) -> None:
+    # Exports record themselves in exports/exports.json as each finishes; keep those records when
+    # a later export fails and the run's summary is written again from memory.
+    from .export import EXPORTS_RECORD
+
+    recorded = read_json_dict(ctx.run_dir / "exports" / EXPORTS_RECORD)
+    if recorded:
+        ctx.summary["exports"] = {**recorded, **(ctx.summary.get("exports") or {})}
     with atomic_file(ctx.run_dir / "summary.json") as handle:
         json.dump(ctx.summary, handle, indent=2, default=str)
 

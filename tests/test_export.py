@@ -438,3 +438,38 @@ def test_modelcard_plugin_from_its_entry_point(run, all_plugins):
         assert f"| steps | {summary['steps']} |" in card
     assert "| lora | lora | - |" in card  # the export the config made after training
     assert "```yaml\n" + run.config.to_yaml().rstrip() + "\n```" in card
+
+
+FAILING_EXPORTER = '''
+from qtune import hookimpl
+from qtune.errors import QtuneError
+from qtune.types import Exporter
+
+
+class Refuses(Exporter):
+    name = "refuses"
+
+    def export(self, run, out_dir, quantization):
+        raise QtuneError("the refuses format always fails")
+
+
+@hookimpl
+def register_exporters(register):
+    register(Refuses())
+'''
+
+
+def test_a_failing_export_keeps_the_records_of_those_before_it(tmp_path, tiny_qwen_dir, monkeypatch):
+    import subprocess
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "refuses.py").write_text(FAILING_EXPORTER)
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 2)
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"max_steps": 2}, exports=["lora", "refuses"])
+    result = subprocess.run([str(Path(sys.executable).with_name("qtune")), "run", str(config), "--no-progress"],
+                            capture_output=True, text=True, env={**__import__("os").environ, "QTUNE_PLUGINS_DIR": str(plugins)})
+    assert result.returncode != 0 and "the refuses format always fails" in result.stderr
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert "the refuses format always fails" in summary["error"]
+    assert summary["exports"]["lora"]["format"] == "lora"
