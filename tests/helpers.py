@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -52,3 +53,12 @@ def tiny_run_config(tmp_path: Path, model_dir: Path, data_file: Path, **sections
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def model_folder_with_weights(folder: Path, model_dir: Path, weights_name: str, content: bytes) -> Path:
+    """A copy of ``model_dir``'s config and tokenizer with ``content`` as its only weights file."""
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, folder / name)
+    (folder / weights_name).write_bytes(content)
+    return folder

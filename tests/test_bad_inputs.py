@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ALPACA_ROWS, write_jsonl
+from helpers import ALPACA_ROWS, model_folder_with_weights, write_jsonl
 
 QTUNE = str(Path(sys.executable).with_name("qtune"))
 
@@ -264,11 +264,8 @@ case("model-path-missing", "model.name", "does not exist")(run_with(model={"name
 
 @case("model-pickle-only", "pickled weights (pytorch_model.bin)", "safetensors only", "use_safetensors=False")
 def _(tmp, model):
-    folder = tmp / "pickled-model"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model / name, folder / name)
-    (folder / "pytorch_model.bin").write_bytes(b"not a real pickle: it must never be opened")
+    folder = model_folder_with_weights(tmp / "pickled-model", model, "pytorch_model.bin",
+                                       b"not a real pickle: it must never be opened")
     return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
 
 

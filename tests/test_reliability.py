@@ -22,7 +22,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from helpers import ALPACA_ROWS, read_metrics, tiny_run_config, write_jsonl
+from helpers import ALPACA_ROWS, model_folder_with_weights, read_metrics, tiny_run_config, write_jsonl
 from qtune.config import Config, load_config
 from qtune.errors import QtuneError
 
@@ -419,11 +419,7 @@ def test_plugin_folders_load_only_when_named(tmp_path, monkeypatch):
 
 def test_validate_loads_no_model_weights(tmp_path, tiny_qwen_dir):
     """validate needs the tokenizer only: a model folder whose weights are unreadable still validates."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_qwen_dir / name, folder / name)
-    (folder / "model.safetensors").write_bytes(b"not safetensors at all")
+    folder = model_folder_with_weights(tmp_path / "model", tiny_qwen_dir, "model.safetensors", b"not safetensors at all")
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     result = qtune("validate", tiny_run_config(tmp_path, folder, data))
     assert result.returncode == 0, result.stderr
