@@ -257,16 +257,13 @@ def check_plugin_names(config: Config) -> None:
     from .plugin_manager import get_host, suggest
 
     host = get_host()
-    checks = [
-        ("template", config.template, host.templates),
-        ("model.backend", config.model.backend, host.backends),
-    ]
+    checks = [("template", config.template, host.templates)]
+    if config.model.backend != "auto":
+        checks.append(("model.backend", config.model.backend, host.backends))
     if config.dataset.loader != "auto":
         checks.append(("dataset.loader", config.dataset.loader, host.dataset_loaders))
     checks += [(f"callbacks[{i}].name", c.name, host.callbacks) for i, c in enumerate(config.callbacks)]
     for path, name, registry in checks:
-        if name == "auto" and path == "model.backend":
-            continue
         if name not in registry:
             raise ConfigError(f"unknown {registry.kind} {name!r} at {path!r}{suggest(name, registry.items)}")
     from .export import normalize_format, normalize_quant
