@@ -66,9 +66,9 @@ def sft_config(run: RunContext, model) -> Any:
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        # transformers replaces a NaN/inf loss with the running mean by default: the divergence would
-        # go unseen (logged as a plausible loss) while the weights turn to NaN.
-        logging_nan_inf_filter=False,
+        # logging_nan_inf_filter keeps its default (True), as in the seed notebook. It puts the running
+        # mean in the log in place of a NaN/inf loss, so the bridge watches every micro-batch's loss
+        # itself (QtuneBridge.watch).
         packing=t.packing,
         max_length=config.model.max_seq_length,
         bf16=on_gpu and dtype == torch.bfloat16,
@@ -103,18 +103,29 @@ def call_callbacks(callbacks: list[TrainingCallback], event: str, *args: Any) ->
             ) from exc
 
 
-def all_finite(params) -> bool:
-    """Whether every value of ``params`` is finite, with one device sync."""
+def all_finite(tensors) -> bool:
+    """Whether every value of ``tensors`` is finite, with one device sync.
+
+    One fused norm per dtype and device (``torch._foreach_norm``) and one sum: a norm is NaN/inf exactly
+    when its tensor holds a NaN/inf, and norms are never negative, so the sum is finite exactly when
+    every tensor is. A few kernel launches per optimizer step, whatever the number of LoRA weights.
+    """
     import torch
 
-    if not params:
-        return True
-    tensors = [p.detach() for p in params]
-    try:
-        norms = torch._foreach_norm(tensors)
-    except (RuntimeError, AttributeError, TypeError):  # a dtype or device _foreach_norm does not take
-        norms = [torch.linalg.vector_norm(t.float()) for t in tensors]
-    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    sums = []
+    with torch.no_grad():
+        for group in groups.values():
+            try:
+                norms = torch._foreach_norm(group)
+            except (RuntimeError, AttributeError, TypeError):  # a dtype or device _foreach_norm does not take
+                norms = [torch.linalg.vector_norm(t.float()) for t in group]
+            sums.append(torch.stack(norms).float().sum())
+        if not sums:
+            return True
+        return bool(torch.isfinite(torch.stack([total.to(sums[0].device) for total in sums])).all())
 
 
 def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
@@ -125,8 +136,19 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
         def __init__(self) -> None:
             self.last_time = time.perf_counter()
             self.last_tokens = 0.0
-            self.trainer = None  # set by train(); gives the step's loss when it turns non-finite
-            self.params = None
+            self.params = []  # the trained weights, set when training starts
+            self.step_losses = []  # this optimizer step's micro-batch losses, still on the device
+
+        def watch(self, trainer) -> None:
+            """Keep each micro-batch's loss (on the device: no sync) for the check at the step's end."""
+            training_step = trainer.training_step
+
+            def watched_training_step(*args, **kwargs):
+                loss = training_step(*args, **kwargs)
+                self.step_losses.append(loss.detach())
+                return loss
+
+            trainer.training_step = watched_training_step
 
         def on_train_begin(self, args, state, control, **kwargs):
             run.total_steps = state.max_steps
@@ -134,19 +156,17 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
             self.last_time = time.perf_counter()
             model = kwargs.get("model")
             self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+            self.step_losses = []
             call_callbacks(callbacks, "on_train_start", run)
 
         def on_step_end(self, args, state, control, **kwargs):
             # Runs after the optimizer step and before the step is logged or saved: a NaN here never
-            # reaches a checkpoint.
-            if self.params and not all_finite(self.params):
+            # reaches a checkpoint. One device sync covers the weights and the step's losses.
+            losses, self.step_losses = self.step_losses, []
+            if not all_finite(self.params + losses):
                 control.should_save = False
-                loss = getattr(self.trainer, "_tr_loss", None)
-                try:
-                    loss = float(loss) if loss is not None else None
-                except (TypeError, ValueError):
-                    loss = None
-                what = f"the loss became {loss}" if loss is not None and not math.isfinite(loss) else "the LoRA weights became NaN/inf"
+                bad = [float(loss) for loss in losses if not math.isfinite(float(loss))]
+                what = f"the loss became {bad[0]}" if bad else "the LoRA weights became NaN/inf"
                 raise NonFiniteLoss(divergence_message(run, state.global_step, what))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -286,7 +306,7 @@ def train(run: RunContext, model, tokenizer, train_dataset, callbacks: list[Trai
         processing_class=tokenizer,
         callbacks=[bridge],
     )
-    bridge.trainer = trainer
+    bridge.watch(trainer)
     # Progress and metrics reach the user through qtune's callbacks and metrics.jsonl.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()

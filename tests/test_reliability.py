@@ -293,6 +293,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, poi
         assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
+def test_all_finite_finds_nan_and_inf_in_any_dtype():
+    import torch
+
+    from qtune.training import all_finite
+
+    good = [torch.randn(4, 8, requires_grad=True), torch.randn(3, dtype=torch.bfloat16), torch.tensor(2.5)]
+    assert all_finite(good) and all_finite([])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert not all_finite([*good, torch.tensor([1.0, bad], dtype=dtype)]), (bad, dtype)
+
+
 def test_out_of_memory_becomes_one_line_of_advice():
     import torch
 
