@@ -31,9 +31,14 @@ class RichProgress(TrainingCallback):
             TimeRemainingColumn(compact=True),
             console=run.console,
             transient=False,
+            # Redrawn once per optimizer step (in on_step_end), not by Rich's 10 Hz refresh thread:
+            # a training loop that is bound by the host (small batches on a fast GPU) would lend that
+            # thread the GIL ten times a second.
+            auto_refresh=False,
         )
         self.task = self.progress.add_task("train", total=run.total_steps or None, loss="-", lr="-", tps="-", mem="-")
         self.progress.start()
+        self.progress.refresh()
 
     def on_step_end(self, run, step, metrics):
         if self.progress is None:
@@ -48,6 +53,7 @@ class RichProgress(TrainingCallback):
             lr=f"{metrics['learning_rate']:.1e}",
             tps=f"{tps:,.0f}" if tps else "-",
             mem=f"{current_memory_gib():.2f} GiB",
+            refresh=True,
         )
 
     def _stop(self):

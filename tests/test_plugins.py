@@ -147,3 +147,27 @@ def test_a_plugin_failing_to_add_commands_is_named():
     with pytest.raises(QtuneError) as info:
         host.add_commands(click.Group())
     assert "plugin 'broken-commands' failed in register_commands: RuntimeError: no commands today" in str(info.value)
+
+
+def test_progress_bar_redraws_once_per_step_without_a_refresh_thread():
+    """The Rich progress callback draws step, loss, lr and memory on each step, and runs no 10 Hz
+    refresh thread that would take the GIL from a host-bound training loop."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    run = SimpleNamespace(console=Console(file=buffer, force_terminal=True, width=80), total_steps=3)
+    progress = get_host().callbacks.get("rich_progress")()
+    progress.on_train_start(run)
+    assert progress.progress.live._refresh_thread is None
+    for step in (1, 2, 3):
+        progress.on_step_end(run, step, {"loss": 1.0 / step, "learning_rate": 2e-4, "tokens_per_second": 1234.0})
+    progress.on_train_end(run)
+    from rich.text import Text
+
+    frames = Text.from_ansi(buffer.getvalue()).plain.splitlines()
+    last = [line for line in frames if line.strip()][-1]
+    assert "3/3" in last and "loss 0.3333" in last and "lr 2.0e-04" in last and "1,234 tok/s" in last and "GiB" in last
+    assert len(last) <= 80
