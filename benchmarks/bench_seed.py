@@ -24,6 +24,8 @@ Usage
       export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
       python3 benchmarks/bench_seed.py run --out $OUT
   Options: --setups a,b,c,d  --warmup 4  --steps 14  --budget-s 500 (start no setup after it)
+           --setups a+b,a2+b2,a3+b3: each group's setups run at the same time, on halves of the CPUs
+           that swap from one group to the next (the host's speed drifts; see docs/benchmarks.md)
            --deadline-s 575 (stop a running setup then; the device runs a command 600 s at most)
   w (an untimed notebook run) can go first so that every timed setup finds torch.compile's and
   Triton's caches warm; with 4 warm-up steps the first setup was within 3% without it.
@@ -77,13 +79,15 @@ SETUPS = {
 #   n  (b, c) `qtune run --no-progress`: no Rich progress bar
 #   g  (a)    the notebook with qtune's SFTConfig differences: gradient_checkpointing=False,
 #             logging_nan_inf_filter=False, data_seed=3407, disable_tqdm=True
-#   f  (a)    the notebook with logging_nan_inf_filter=False only (qtune's setting)
+#   f  (a, b) logging_nan_inf_filter=False (qtune's setting before it kept the notebook's default)
 #   t  (a)    the notebook trained on pre-tokenized input_ids + labels, as qtune hands them to trl
 #   k  (b, c) qtune with SFTConfig.gradient_checkpointing=True, as trl defaults it and the notebook has it
-#   i  (b, c) qtune with SFTConfig.logging_nan_inf_filter=True, as the notebook has it
+#   i  (b, c) qtune with SFTConfig.logging_nan_inf_filter=True (its default since the fix)
+#   p  (any)  torch.profiler over 2 steps after the warm-up: op tables in $OUT/profile-<setup>.txt
 FLAG_LABELS = {"u": "unsloth imported first", "n": "--no-progress", "g": "qtune's SFTConfig flags",
                "f": "logging_nan_inf_filter=False", "t": "pre-tokenized data",
-               "k": "SFTConfig gradient_checkpointing=True", "i": "SFTConfig logging_nan_inf_filter=True"}
+               "k": "SFTConfig gradient_checkpointing=True", "i": "SFTConfig logging_nan_inf_filter=True",
+               "p": "profiled"}
 # Wraps qtune.training.sft_config for flags k and i (diagnostics: qtune itself is not changed).
 SFT_OVERRIDE = (
     "import qtune.training as _t; _f = _t.sft_config\n"
@@ -93,6 +97,68 @@ SFT_OVERRIDE = (
 
 
 # --------------------------------------------------------------------------- timing, in each worker
+
+
+def thread_cpu_seconds() -> dict[str, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of this process, by thread id: (name, seconds)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def host_dispatch_us(iterations: int = 3000) -> float:
+    """Microseconds per tiny CPU tensor op (view + transpose): how fast this process's host runs the
+    dispatch work that bounds the seed's steps. Steps of one setup are compared to it across processes."""
+    import torch
+
+    x = torch.empty(16)
+    started = time.perf_counter()
+    for _ in range(iterations):
+        x.view(4, 4).t()
+    return (time.perf_counter() - started) / iterations * 1e6
+
+
+def process_state() -> dict:
+    """What in this process can slow every Python call or torch op: tracing and profiling hooks,
+    torch modes, GC and GIL settings, warning filters, log handlers (compared between setups)."""
+    import gc
+    import logging
+    import threading
+    import warnings
+
+    import torch
+
+    state = {
+        "sys_trace": repr(sys.gettrace()), "sys_profile": repr(sys.getprofile()),
+        "threading_trace": repr(getattr(threading, "gettrace", lambda: None)()),
+        "threading_profile": repr(getattr(threading, "getprofile", lambda: None)()),
+        "switch_interval": sys.getswitchinterval(), "gc_threshold": gc.get_threshold(), "gc_enabled": gc.isenabled(),
+        "gc_frozen": gc.get_freeze_count(), "warning_filters": len(warnings.filters),
+        "root_log_handlers": [type(h).__name__ for h in logging.getLogger().handlers],
+        "grad_enabled": torch.is_grad_enabled(), "anomaly": torch.is_anomaly_enabled(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "torch_function_modes": torch._C._len_torch_function_stack(),
+        "dispatch_modes": torch._C._len_torch_dispatch_stack(),
+        "num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "stdout": type(sys.stdout).__name__, "stderr": type(sys.stderr).__name__,
+        "python_threads": sorted(t.name for t in threading.enumerate()),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH", "TORCH", "CUDA", "UNSLOTH", "OMP", "MKL", "TOKENIZERS", "TRANSFORMERS", "HF_"))},
+    }
+    try:
+        from torch._C._dynamo import eval_frame
+
+        state["dynamo_callback"] = repr(eval_frame.get_eval_frame_callback()) if hasattr(eval_frame, "get_eval_frame_callback") else "?"
+    except Exception as exc:
+        state["dynamo_callback"] = f"? {type(exc).__name__}"
+    return state
 
 
 class StepTimer:
@@ -140,6 +206,9 @@ class StepTimer:
         gc.callbacks.append(self._gc_callback)
         self.start_reserved = torch.cuda.memory_reserved() / GIB if torch.cuda.is_available() else None
         self.extra["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+        self.host_us: list[float] = []
+        self.threads_at_warmup: dict | None = None
+        self.extra["process_state"] = process_state()
         self.step_end(0)
 
     def step_end(self, step: int) -> None:
@@ -148,6 +217,30 @@ class StepTimer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.marks.append((step, time.perf_counter(), self.tokens, self.gc_seconds))
+        if step == self.warmup:
+            self.threads_at_warmup = thread_cpu_seconds()
+        self.host_us.append(round(host_dispatch_us(), 3))  # ~5 ms, charged to the next step alike in every setup
+        self._profile(step)
+
+    def _profile(self, step: int) -> None:
+        """Flag p: torch.profiler over the 2 optimizer steps after the warm-up; the op tables go to
+        BENCH_PROFILE (those steps' times include the profiler's cost)."""
+        target = os.environ.get("BENCH_PROFILE")
+        if not target:
+            return
+        import torch
+
+        if step == self.warmup:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+        elif step == self.warmup + 2 and getattr(self, "_profiler", None) is not None:
+            self._profiler.__exit__(None, None, None)
+            table = self._profiler.key_averages()
+            with open(target, "w") as handle:
+                for key in ("self_cpu_time_total", "self_device_time_total", "count"):
+                    handle.write(f"== by {key}\n{table.table(sort_by=key, row_limit=35, max_name_column_width=60)}\n")
+            self._profiler = None
 
     def result(self) -> dict:
         import torch
@@ -167,6 +260,15 @@ class StepTimer:
                 step_s=[round(d, 4) for d in durations],
                 step_tokens=[b[2] - a[2] for a, b in zip(marks[:-1], marks[1:], strict=True)],
             )
+        out["host_dispatch_us"] = self.host_us
+        if self.threads_at_warmup is not None:
+            # Which threads used the CPU during the timed steps (a busy helper thread slows the host-bound loop).
+            now, before = thread_cpu_seconds(), self.threads_at_warmup
+            busy = {f"{name}/{tid}": seconds - before.get(tid, (name, 0.0))[1] for tid, (name, seconds) in now.items()}
+            wall = marks[-1][1] - marks[0][1] if len(marks) >= 2 else 0.0
+            out["timed_wall_s"] = round(wall, 3)
+            out["thread_cpu_s"] = {k: round(v, 3) for k, v in sorted(busy.items(), key=lambda kv: -kv[1])[:10]}
+            out["threads"] = len(now)
         if torch.cuda.is_available():
             out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -447,11 +549,33 @@ def versions() -> dict:
         return {"error": proc.stderr[-2000:]}
 
 
-def _run(name: str, cmd: list[str], env: dict, timeout: float, log: list) -> tuple[int, float, str]:
+def one_cpu_per_core(limit: int = 8) -> list[int]:
+    """One logical CPU of each physical core (by /sys topology), at most ``limit`` (option --pin).
+
+    The seed's steps are bound by two busy host threads (Python's and autograd's); pinning keeps them
+    off each other's hyperthreads. It did not steady the H200 machine here: a KVM guest with one thread
+    per core, whose speed drifts with what runs beside it (a tiny CPU op took ~2.5 us in some steps and
+    ~5 us in others). Side-by-side groups (a+b) are what make (a) and (b) comparable there.
+    """
+    chosen, seen = [], set()
+    for cpu in sorted(os.sched_getaffinity(0)):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            core = (topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()
+        except OSError:
+            core = ("?", str(cpu))
+        if core not in seen:
+            seen.add(core)
+            chosen.append(cpu)
+    return chosen[:limit]
+
+
+def _run(name: str, cmd: list[str], env: dict, timeout: float, log: list, cpus: list[int] | None = None) -> tuple[int, float, str]:
     started = time.perf_counter()
     print(f"--- {name}: {' '.join(cmd[:4])} ... (timeout {timeout:.0f} s)", flush=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(WORK))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(WORK), preexec_fn=pin)
         rc, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc = 124
@@ -464,6 +588,69 @@ def _run(name: str, cmd: list[str], env: dict, timeout: float, log: list) -> tup
     if rc != 0:
         print("\n".join(output.splitlines()[-25:]), flush=True)
     return rc, wall, output
+
+
+def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: Path) -> dict:
+    """The command, environment and result file of one setup (a letter, flags, repeat digits)."""
+    key = setup.rstrip("0123456789")
+    flags = set(key[1:])
+    preimport = "u" in flags and key[0] in "bc"
+    key = key[0]
+    result_file = WORK / f"result-{setup}.json"
+    result_file.unlink(missing_ok=True)
+    worker_env = dict(env, BENCH_RESULT=str(result_file))
+    if "p" in flags:
+        worker_env["BENCH_PROFILE"] = str(out_dir / f"profile-{setup}.txt")
+    if key in ("a", "d", "w"):
+        steps = opts.warmup_run_steps if key == "w" else opts.steps
+        args = json.dumps({"model": str(model), "data": str(data), "steps": steps, "warmup": min(opts.warmup, steps - 1),
+                           "pretokenized": "t" in flags,
+                           "sft_overrides": {**(QTUNE_SFT_FLAGS if "g" in flags else {}),
+                                             **({"logging_nan_inf_filter": False} if "f" in flags else {})}})
+        cmd = [sys.executable, __file__, "_transformers" if key == "d" else "_notebook", args]
+    else:
+        config = WORK / f"config-{setup}.yaml"
+        _qtune_config(config, f"bench-{setup}", str(model), str(data), opts.steps, "seed" if key == "b" else "fast")
+        overrides = {**({"gradient_checkpointing": True} if "k" in flags else {}),
+                     **({"logging_nan_inf_filter": True} if "i" in flags else {}),
+                     **({"logging_nan_inf_filter": False} if "f" in flags else {})}
+        first = ("import unsloth; " if preimport else "") + (SFT_OVERRIDE.replace("OVERRIDES", repr(overrides)) if overrides else "")
+        cmd = [sys.executable, "-c", first + "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
+        if "n" in flags:
+            cmd.append("--no-progress")
+    label = SETUPS[key] + "".join(f" ({FLAG_LABELS[f]})" for f in sorted(flags) if f in FLAG_LABELS)
+    return {"cmd": cmd, "env": worker_env, "result_file": result_file, "label": label}
+
+
+def _run_together(names: list[str], cmds: list[list[str]], envs: list[dict], timeout: float, log: list,
+                  cpu_sets: list[list[int]]) -> list[tuple[int, float, str]]:
+    """Start every command at once, each pinned to its CPU set; wait for all (one deadline)."""
+    started = time.perf_counter()
+    print(f"--- {' + '.join(names)} side by side on CPUs {cpu_sets} (timeout {timeout:.0f} s)", flush=True)
+    procs = []
+    for cmd, env, cpu_set in zip(cmds, envs, cpu_sets, strict=True):
+        logfile = open(WORK / f"log-{len(procs)}-{int(started)}.txt", "w+")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(WORK),
+                                       preexec_fn=(lambda s=cpu_set: os.sched_setaffinity(0, s))), logfile))
+    outcomes = []
+    for name, (proc, logfile) in zip(names, procs, strict=True):
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = 124
+        wall = time.perf_counter() - started
+        logfile.seek(0)
+        output = logfile.read()
+        logfile.close()
+        tail = "\n".join(output.splitlines()[-120:])
+        log.append(f"===== {name} rc={rc} wall={wall:.1f}s (side by side) =====\n{tail}\n")
+        print(f"    {name}: rc={rc} wall={wall:.1f} s", flush=True)
+        if rc != 0:
+            print("\n".join(output.splitlines()[-25:]), flush=True)
+        outcomes.append((rc, wall, output))
+    return outcomes
 
 
 def _qtune_config(path: Path, name: str, model: str, data: str, steps: int, profile: str) -> None:
@@ -547,44 +734,46 @@ def run(opts) -> int:
         _finish(report, log, out_dir)
         return 1
 
+    cpus = one_cpu_per_core() if opts.pin else None
+    report["pinned_cpus"] = cpus
+    report["cpu_topology"] = {str(c): Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+                              for c in sorted(os.sched_getaffinity(0))
+                              if Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").is_file()}
+    print(json.dumps({"pinned_cpus": cpus, "siblings": report["cpu_topology"]}), flush=True)
     order = [s.strip() for s in opts.setups.split(",") if s.strip()]
-    for setup in order:
-        key = setup.rstrip("0123456789")
-        flags = set(key[1:])
-        preimport = "u" in flags and key[0] in "bc"
-        key = key[0]
+    all_cpus = sorted(os.sched_getaffinity(0))
+    for index, group in enumerate(order):
+        members = [m.strip() for m in group.split("+") if m.strip()]
         elapsed = time.perf_counter() - t_start
-        remaining = opts.budget_s - elapsed
-        if remaining < 60:
-            report["results"][setup] = {"skipped": f"time budget spent ({elapsed:.0f} s)"}
-            print(f"--- {setup}: skipped, {elapsed:.0f} s of {opts.budget_s} s used", flush=True)
+        if opts.budget_s - elapsed < 60:
+            for setup in members:
+                report["results"][setup] = {"skipped": f"time budget spent ({elapsed:.0f} s)"}
+            print(f"--- {group}: skipped, {elapsed:.0f} s of {opts.budget_s} s used", flush=True)
             continue
-        result_file = WORK / f"result-{setup}.json"
-        result_file.unlink(missing_ok=True)
-        worker_env = dict(env, BENCH_RESULT=str(result_file))
-        if key in ("a", "d", "w"):
-            steps = opts.warmup_run_steps if key == "w" else opts.steps
-            args = json.dumps({"model": str(model), "data": str(data), "steps": steps, "warmup": min(opts.warmup, steps - 1),
-                               "pretokenized": "t" in flags,
-                               "sft_overrides": {**(QTUNE_SFT_FLAGS if "g" in flags else {}),
-                                                 **({"logging_nan_inf_filter": False} if "f" in flags else {})}})
-            cmd = [sys.executable, __file__, "_transformers" if key == "d" else "_notebook", args]
+        jobs = [_worker_job(setup, opts, env, model, data, out_dir) for setup in members]
+        timeout = opts.deadline_s - (time.perf_counter() - t_start)
+        if len(jobs) == 1:
+            outcomes = [_run(members[0], jobs[0]["cmd"], jobs[0]["env"], timeout, log, cpus)]
         else:
-            config = WORK / f"config-{setup}.yaml"
-            _qtune_config(config, f"bench-{setup}", str(model), str(data), opts.steps, "seed" if key == "b" else "fast")
-            overrides = {**({"gradient_checkpointing": True} if "k" in flags else {}),
-                         **({"logging_nan_inf_filter": True} if "i" in flags else {})}
-            first = ("import unsloth; " if preimport else "") + (SFT_OVERRIDE.replace("OVERRIDES", repr(overrides)) if overrides else "")
-            cmd = [sys.executable, "-c", first + "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
-            if "n" in flags:
-                cmd.append("--no-progress")
-        rc, wall, output = _run(setup, cmd, worker_env, opts.deadline_s - (time.perf_counter() - t_start), log)
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        label = SETUPS[key] + "".join(f" ({FLAG_LABELS[f]})" for f in sorted(flags) if f in FLAG_LABELS)
-        result.update(label=label, rc=rc, wall_s=round(wall, 1))
-        if rc != 0:
-            result["error_tail"] = "\n".join(output.splitlines()[-15:])
-        report["results"][setup] = result
+            # Side by side: the setups of a group run at the same time, each pinned to its own share of
+            # the CPUs, so they meet the same host conditions. The shares rotate from group to group:
+            # list the members in the same order every time (a+b,a2+b2) and each setup uses each share.
+            share = len(all_cpus) // len(jobs)
+            sets = [all_cpus[i * share:(i + 1) * share] for i in range(len(jobs))]
+            sets = sets[index % len(sets):] + sets[:index % len(sets)]
+            for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
+                job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
+            outcomes = _run_together(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
+            for job, cpu_set in zip(jobs, sets, strict=True):
+                job["cpus"] = cpu_set
+        for setup, job, (rc, wall, output) in zip(members, jobs, outcomes, strict=True):
+            result = json.loads(job["result_file"].read_text()) if job["result_file"].is_file() else {}
+            result.update(label=job["label"], rc=rc, wall_s=round(wall, 1))
+            if len(jobs) > 1:
+                result.update(together_with=[m for m in members if m != setup], cpus=job.get("cpus"))
+            if rc != 0:
+                result["error_tail"] = "\n".join(output.splitlines()[-15:])
+            report["results"][setup] = result
         (out_dir / "bench_seed.json").write_text(json.dumps(report, indent=2))
     report["total_wall_s"] = round(time.perf_counter() - t_start, 1)
     _finish(report, log, out_dir)
@@ -615,6 +804,21 @@ def _finish(report: dict, log: list[str], out_dir: Path) -> None:
             checks[f"|{name}-a| peak reserved <= 0.25 GiB"] = round(abs(b.get("peak_delta_vs_a_gib", 99)), 3)
     if "ratio_to_a" in c:
         checks["c/a tokens/s >= 6 (target 8)"] = round(c["ratio_to_a"], 2)
+    # Repeats (a, a2, ... interleaved with b, b2, ...): the same setup moves by up to ~25% between
+    # processes of one call (host-bound steps), so the ratio of the repeats' means is the figure to trust.
+    groups: dict[str, list[float]] = {}
+    for name, r in results.items():
+        if r.get("tokens_per_s") and not name.startswith("w"):
+            groups.setdefault(name.rstrip("0123456789"), []).append(r["tokens_per_s"])
+    pooled = {name: {"runs": len(v), "tokens_per_s_mean": sum(v) / len(v)} for name, v in groups.items()}
+    if "a" in pooled:
+        for entry in pooled.values():
+            entry["ratio_to_a_mean"] = entry["tokens_per_s_mean"] / pooled["a"]["tokens_per_s_mean"]
+        for name in ("b", "c"):
+            if pooled.get(name, {}).get("runs", 0) > 1 or (name in pooled and pooled["a"]["runs"] > 1):
+                checks[f"{name}/a tokens/s, means of {pooled[name]['runs']} and {pooled['a']['runs']} runs"] = round(
+                    pooled[name]["ratio_to_a_mean"], 3)
+    report["pooled"] = pooled
     report["checks"] = checks
     (out_dir / "bench_seed.json").write_text(json.dumps(report, indent=2))
     (out_dir / "bench_logs.txt").write_text("\n".join(log))
@@ -651,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="build the checkpoint and time the setups (GPU)")
     p.add_argument("--setups", default="a,b,c,d",
                    help="comma-separated, in order (w: untimed run that fills the compile caches first; "
-                        "bu/cu: b/c with unsloth imported first; a2, b2 ...: repeats)")
+                        "bu/cu: b/c with unsloth imported first; a2, b2 ...: repeats; a+b: side by side)")
     p.add_argument("--warmup", type=int, default=4, help="optimizer steps left out of the timing")
     p.add_argument("--steps", type=int, default=14, help="optimizer steps per setup, warm-up included")
     p.add_argument("--warmup-run-steps", type=int, default=3, help="steps of the untimed run w")
@@ -659,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=575, help="stop a running setup at this many seconds")
     p.add_argument("--out", default=None, help="where bench_seed.json goes (default $OUT)")
     p.add_argument("--source", action="store_true", help="import qtune from this checkout, not the bundle")
+    p.add_argument("--pin", action="store_true", help="pin every one-at-a-time setup to one CPU per physical core")
     p.add_argument("--keep", action="store_true", help="reuse the work folder and checkpoint of an earlier call on the same machine")
     opts = parser.parse_args(argv)
     if opts.command == "prepare":
