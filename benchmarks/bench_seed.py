@@ -622,6 +622,17 @@ def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: P
     return {"cmd": cmd, "env": worker_env, "result_file": result_file, "label": label}
 
 
+def cpu_shares(cpus: list[int], members: int, group_index: int) -> list[list[int]]:
+    """Equal, disjoint shares of ``cpus``, one per member of a side-by-side group, rotated by the
+    group's index: with the members listed in the same order (a+b,a2+b2), each setup gets each share."""
+    size = len(cpus) // members
+    if size == 0:  # fewer CPUs than members: they share them all
+        return [list(cpus) for _ in range(members)]
+    shares = [cpus[i * size:(i + 1) * size] for i in range(members)]
+    turn = group_index % members
+    return shares[turn:] + shares[:turn]
+
+
 def _run_together(names: list[str], cmds: list[list[str]], envs: list[dict], timeout: float, log: list,
                   cpu_sets: list[list[int]]) -> list[tuple[int, float, str]]:
     """Start every command at once, each pinned to its CPU set; wait for all (one deadline)."""
@@ -758,9 +769,7 @@ def run(opts) -> int:
             # Side by side: the setups of a group run at the same time, each pinned to its own share of
             # the CPUs, so they meet the same host conditions. The shares rotate from group to group:
             # list the members in the same order every time (a+b,a2+b2) and each setup uses each share.
-            share = len(all_cpus) // len(jobs)
-            sets = [all_cpus[i * share:(i + 1) * share] for i in range(len(jobs))]
-            sets = sets[index % len(sets):] + sets[:index % len(sets)]
+            sets = cpu_shares(all_cpus, len(jobs), index)
             for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
                 job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
             outcomes = _run_together(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)

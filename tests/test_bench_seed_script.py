@@ -1,0 +1,83 @@
+"""benchmarks/bench_seed.py's plumbing on the CPU: the side-by-side groups, the setups' commands and
+the pooled report. (The setups themselves need a CUDA GPU and run through the device tool.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_seed.py"
+
+
+@pytest.fixture()
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_seed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "WORK", tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    return module
+
+
+def test_side_by_side_groups_swap_cpu_halves(bench):
+    cpus = list(range(16))
+    first, second = bench.cpu_shares(cpus, 2, 0), bench.cpu_shares(cpus, 2, 1)
+    assert first == [list(range(8)), list(range(8, 16))]
+    assert second == [first[1], first[0]]  # a+b, a2+b2: (b) gets the half (a) had
+    assert bench.cpu_shares([0], 2, 1) == [[0], [0]]
+
+
+def test_run_together_pins_each_process_to_its_share(bench):
+    available = sorted(os.sched_getaffinity(0))
+    shares = bench.cpu_shares(available, 2, 1)
+    code = "import os; print(sorted(os.sched_getaffinity(0)))"
+    log: list[str] = []
+    outcomes = bench._run_together(["x", "y"], [[sys.executable, "-c", code]] * 2, [dict(os.environ)] * 2, 60, log, shares)
+    assert [rc for rc, _, _ in outcomes] == [0, 0]
+    assert [json.loads(out) for _, _, out in outcomes] == shares
+    assert len(log) == 2 and "side by side" in log[0]
+
+
+def test_setup_names_become_the_right_commands(bench, tmp_path):
+    opts = SimpleNamespace(warmup=4, steps=14, warmup_run_steps=3)
+    model, data = tmp_path / "model", tmp_path / "data.json"
+
+    def job(name):
+        return bench._worker_job(name, opts, {}, model, data, tmp_path)
+
+    notebook = json.loads(job("a2")["cmd"][3])
+    assert job("a2")["cmd"][2] == "_notebook" and notebook["pretokenized"] is False and notebook["steps"] == 14
+    assert json.loads(job("at")["cmd"][3])["pretokenized"] is True
+    assert job("d")["cmd"][2] == "_transformers"
+    seed = job("bf")
+    assert seed["cmd"][-2:] == ["run", str(bench.WORK / "config-bf.yaml")]
+    assert "'logging_nan_inf_filter': False" in seed["cmd"][2] and "(logging_nan_inf_filter=False)" in seed["label"]
+    assert '"profile": "seed"' in (bench.WORK / "config-bf.yaml").read_text()
+    job("c")
+    assert '"profile": "fast"' in (bench.WORK / "config-c.yaml").read_text()
+    assert job("bp")["env"]["BENCH_PROFILE"] == str(tmp_path / "profile-bp.txt")
+    assert job("bn")["cmd"][-1] == "--no-progress"
+
+
+def test_report_pools_repeats_and_checks_the_targets(bench, tmp_path, capsys):
+    def result(tokens_per_s, peak=6.2):
+        return {"label": "x", "tokens_per_s": tokens_per_s, "s_per_step": 1.0, "tokens_per_step": tokens_per_s,
+                "peak_reserved_gib": peak}
+
+    report = {"results": {"a": result(1000), "b": result(900), "a2": result(1200), "b2": result(1100),
+                          "c": result(9000, 65.2), "w": result(500)}}
+    bench._finish(report, [], tmp_path)
+    checks = report["checks"]
+    assert checks["b/a tokens/s >= 0.97"] == 0.9
+    assert checks["b/a tokens/s, means of 2 and 2 runs"] == round(1000 / 1100, 3)
+    assert checks["c/a tokens/s >= 6 (target 8)"] == 9.0
+    assert checks["|b-a| peak reserved <= 0.25 GiB"] == 0.0
+    assert "w" not in report["pooled"]  # the untimed warm-up run is left out
+    assert json.loads((tmp_path / "bench_seed.json").read_text())["checks"] == checks
+    assert "b/a tokens/s, means of 2 and 2 runs: 0.909" in capsys.readouterr().out
