@@ -84,10 +84,11 @@ SETUPS = {
 #   k  (b, c) qtune with SFTConfig.gradient_checkpointing=True, as trl defaults it and the notebook has it
 #   i  (b, c) qtune with SFTConfig.logging_nan_inf_filter=True (its default since the fix)
 #   p  (any)  torch.profiler over 2 steps after the warm-up: op tables in $OUT/profile-<setup>.txt
+#   m  (any)  count the Python functions run over 2 steps after the warm-up: $OUT/calls-<setup>.txt
 FLAG_LABELS = {"u": "unsloth imported first", "n": "--no-progress", "g": "qtune's SFTConfig flags",
                "f": "logging_nan_inf_filter=False", "t": "pre-tokenized data",
                "k": "SFTConfig gradient_checkpointing=True", "i": "SFTConfig logging_nan_inf_filter=True",
-               "p": "profiled"}
+               "p": "profiled", "m": "Python calls counted"}
 # Wraps qtune.training.sft_config for flags k and i (diagnostics: qtune itself is not changed).
 SFT_OVERRIDE = (
     "import qtune.training as _t; _f = _t.sft_config\n"
@@ -161,6 +162,57 @@ def process_state() -> dict:
     return state
 
 
+class PythonCallCounter:
+    """How many times each Python function starts, in every thread (sys.monitoring, Python 3.12+) or,
+    before 3.12, in the calling thread only (sys.setprofile)."""
+
+    TOOL_ID = 5  # sys.monitoring's ids 0-5 are free for tools; 5 is the last
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.counts: Counter = Counter()
+        self.monitoring = getattr(sys, "monitoring", None)
+
+    def start(self) -> None:
+        counts = self.counts
+        if self.monitoring is not None:
+            mon = self.monitoring
+            mon.use_tool_id(self.TOOL_ID, "bench_seed")
+
+            def started(code, offset):
+                counts[code] += 1
+
+            mon.register_callback(self.TOOL_ID, mon.events.PY_START, started)
+            mon.set_events(self.TOOL_ID, mon.events.PY_START)
+        else:
+            def profile(frame, event, arg):
+                if event == "call":
+                    counts[frame.f_code] += 1
+
+            sys.setprofile(profile)
+
+    def stop(self) -> None:
+        if self.monitoring is not None:
+            mon = self.monitoring
+            mon.set_events(self.TOOL_ID, 0)
+            mon.register_callback(self.TOOL_ID, mon.events.PY_START, None)
+            mon.free_tool_id(self.TOOL_ID)
+        else:
+            sys.setprofile(None)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def table(self, steps: int, limit: int = 80) -> str:
+        lines = [f"python function starts: {self.total()} over {steps} steps ({self.total() / steps:.0f} a step); "
+                 f"{len(self.counts)} functions; {'sys.monitoring' if self.monitoring else 'sys.setprofile'}"]
+        for code, count in self.counts.most_common(limit):
+            where = f"{code.co_filename.rsplit('site-packages/', 1)[-1]}:{code.co_firstlineno}"
+            lines.append(f"{count / steps:>10.1f}  {getattr(code, 'co_qualname', code.co_name)}  {where}")
+        return "\n".join(lines) + "\n"
+
+
 class StepTimer:
     """Counts the tokens every forward pass receives and times optimizer steps.
 
@@ -221,6 +273,24 @@ class StepTimer:
             self.threads_at_warmup = thread_cpu_seconds()
         self.host_us.append(round(host_dispatch_us(), 3))  # ~5 ms, charged to the next step alike in every setup
         self._profile(step)
+        self._count_calls(step)
+
+    def _count_calls(self, step: int) -> None:
+        """Flag m: count the Python functions every thread runs over the 2 optimizer steps after the
+        warm-up (sys.monitoring on Python 3.12+, else sys.setprofile on this thread only). Unlike
+        times, the counts do not move with the host's speed: (a) and (b) can be compared one at a time.
+        The table goes to BENCH_CALLS."""
+        target = os.environ.get("BENCH_CALLS")
+        if not target:
+            return
+        if step == self.warmup:
+            self._calls = PythonCallCounter()
+            self._calls.start()
+        elif step == self.warmup + 2 and getattr(self, "_calls", None) is not None:
+            self._calls.stop()
+            Path(target).write_text(self._calls.table(steps=2))
+            self.extra["python_calls_per_step"] = self._calls.total() / 2
+            self._calls = None
 
     def _profile(self, step: int) -> None:
         """Flag p: torch.profiler over the 2 optimizer steps after the warm-up; the op tables go to
@@ -601,6 +671,8 @@ def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: P
     worker_env = dict(env, BENCH_RESULT=str(result_file))
     if "p" in flags:
         worker_env["BENCH_PROFILE"] = str(out_dir / f"profile-{setup}.txt")
+    if "m" in flags:
+        worker_env["BENCH_CALLS"] = str(out_dir / f"calls-{setup}.txt")
     if key in ("a", "d", "w"):
         steps = opts.warmup_run_steps if key == "w" else opts.steps
         args = json.dumps({"model": str(model), "data": str(data), "steps": steps, "warmup": min(opts.warmup, steps - 1),

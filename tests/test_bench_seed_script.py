@@ -81,3 +81,20 @@ def test_report_pools_repeats_and_checks_the_targets(bench, tmp_path, capsys):
     assert "w" not in report["pooled"]  # the untimed warm-up run is left out
     assert json.loads((tmp_path / "bench_seed.json").read_text())["checks"] == checks
     assert "b/a tokens/s, means of 2 and 2 runs: 0.909" in capsys.readouterr().out
+
+
+def test_python_call_counter_counts_each_function_start(bench):
+    def tick():
+        return 1
+
+    counter = bench.PythonCallCounter()
+    counter.start()
+    for _ in range(7):
+        tick()
+    counter.stop()
+    counts = {code.co_name: n for code, n in counter.counts.items()}
+    assert counts["tick"] == 7
+    table = counter.table(steps=1)
+    assert table.splitlines()[0].startswith("python function starts:") and "tick" in table
+    tick()  # stopped: no longer counted
+    assert {code.co_name: n for code, n in counter.counts.items()}["tick"] == 7
