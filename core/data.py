@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config
-from .errors import QtuneError
+from .errors import QtuneError, describe
 from .types import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -189,9 +189,8 @@ def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
         except QtuneError:
             raise
         except Exception as exc:  # a template plugin failing on this row: reported with the row
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
             return {"input_ids": [], "labels": [], "row": row, "length": 0, "truncated": False, "trained": 0,
-                    "eos_trained": False, "had_eos": False, "marker_found": True, "error": message}
+                    "eos_trained": False, "had_eos": False, "marker_found": True, "error": describe(exc)}
         return {
             "input_ids": tokenized.input_ids,
             "labels": tokenized.labels,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .backends import choose_backend
 from .config import Config
-from .errors import QtuneError
+from .errors import QtuneError, describe, first_line
 from .fsutil import atomic_dir, atomic_file, read_json_dict
 from .plugin_manager import get_host
 from .run import ADAPTER_DIR, RunContext
@@ -69,7 +69,7 @@ def make_callbacks(config: Config, extra: list[TrainingCallback]) -> list[Traini
         except Exception as exc:  # a plugin's constructor failing
             raise QtuneError(
                 f"callbacks[{index}] ({entry.name}, from {registry.owners.get(entry.name, '?')}) failed to start: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; fix the plugin or remove it from `callbacks`"
+                f"{describe(exc)}; fix the plugin or remove it from `callbacks`"
             ) from None
     return callbacks
 
@@ -156,9 +156,8 @@ def load_model(backend: Backend, config: Config, model_path: str):
     except QtuneError:
         raise
     except OSError as exc:  # missing files, no safetensors (pickles are never loaded), offline hub
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QtuneError(
-            f"could not load model {model_path!r}: {first}; qtune loads *.safetensors weights only: give a folder "
+            f"could not load model {model_path!r}: {first_line(exc)}; qtune loads *.safetensors weights only: give a folder "
             f"or hub id that has them"
         ) from None
     except Exception as exc:
@@ -294,7 +293,7 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
     try:
         model = backend.add_lora(model, config)
     except ValueError as exc:  # peft: target modules not found in the model
-        raise QtuneError(f"lora.target_modules do not fit this model: {str(exc).splitlines()[0]}") from None
+        raise QtuneError(f"lora.target_modules do not fit this model: {first_line(exc)}") from None
     ctx.model = model
 
     from .training import train

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config
-from .errors import QtuneError
+from .errors import QtuneError, first_line
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 #: the format of RUN_DIR/preflight.json
@@ -258,8 +258,7 @@ def _load_tokenizer(report: Report):
 
         return AutoTokenizer.from_pretrained(report.model_path, trust_remote_code=config.model.trust_remote_code)
     except Exception as exc:  # OSError (missing files, offline), ValueError (unknown class), ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        report.add(ERROR, "model.name", f"cannot load the tokenizer of {report.model_path!r}: {first}",
+        report.add(ERROR, "model.name", f"cannot load the tokenizer of {report.model_path!r}: {first_line(exc)}",
                    "point model.name at a folder with the tokenizer files, or set HF_HUB_OFFLINE=0 to fetch it once")
         return None
 

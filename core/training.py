@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import QtuneError
+from .errors import QtuneError, describe
 from .run import RunContext
 from .types import TrainingCallback
 
@@ -96,10 +96,9 @@ def call_callbacks(callbacks: list[TrainingCallback], event: str, *args: Any) ->
         except QtuneError:
             raise
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise QtuneError(
                 f"callback {getattr(cb, 'name', type(cb).__name__)!r} ({type(cb).__module__}) failed in {event}: "
-                f"{type(exc).__name__}{': ' + message if message else ''}; fix the plugin or remove it from `callbacks`"
+                f"{describe(exc)}; fix the plugin or remove it from `callbacks`"
             ) from exc
 
 

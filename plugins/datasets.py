@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qtune import hookimpl
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, first_line
 from qtune.types import DatasetLoader
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -27,11 +27,11 @@ class HubLoader(DatasetLoader):
             return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
         except (FileNotFoundError, ConnectionError, OSError) as exc:
             raise QtuneError(
-                f"could not load dataset {spec.path!r} split {spec.split!r} from the hub: {str(exc).splitlines()[0]}; "
+                f"could not load dataset {spec.path!r} split {spec.split!r} from the hub: {first_line(exc)}; "
                 f"check the id, go online, or point dataset.path at a local file"
             ) from None
         except ValueError as exc:  # e.g. unknown split
-            raise QtuneError(f"dataset {spec.path!r}: {str(exc).splitlines()[0]}") from None
+            raise QtuneError(f"dataset {spec.path!r}: {first_line(exc)}") from None
 
 
 class AlpacaCleanedLoader(HubLoader):
@@ -72,7 +72,7 @@ class LocalFilesLoader(DatasetLoader):
             cause = exc.__cause__ or exc
             if isinstance(cause, UnicodeDecodeError):
                 raise QtuneError(f"dataset {str(path)!r} is not UTF-8 text; re-save it as UTF-8") from None
-            raise QtuneError(f"could not read dataset {str(path)!r}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+            raise QtuneError(f"could not read dataset {str(path)!r}: {first_line(cause)}") from None
 
 
 # --- the generated demo task set --------------------------------------------------------------
