@@ -42,11 +42,10 @@ def nf4_config(compute_dtype, quant_type: str = "nf4", double_quant: bool = True
     """The BitsAndBytesConfig of QLoRA: NF4, double quantization, ``compute_dtype`` (a torch dtype or
     its name). The transformers backend loads a 4-bit base with it, merged-4bit saves with it, and
     verification rebuilds the 4-bit base a run trained on with it (Unsloth quantizes the same way)."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     if isinstance(compute_dtype, str):
-        compute_dtype = getattr(torch, DTYPES.get(compute_dtype, compute_dtype))
+        compute_dtype = torch_dtype(compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -194,7 +193,6 @@ def write_merged_4bit(run: FinishedRun, dest: Path, compute_dtype: str = "bfloat
     written to a temporary folder beside ``dest`` first (it needs that much extra disk for a while)
     and loaded back with a ``BitsAndBytesConfig``; the 16-bit model is freed before that load.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     from .verify import export_device
@@ -211,7 +209,7 @@ def write_merged_4bit(run: FinishedRun, dest: Path, compute_dtype: str = "bfloat
         del model
         _free()
         quantized = AutoModelForCausalLM.from_pretrained(
-            work, quantization_config=nf4_config(compute_dtype), dtype=getattr(torch, compute_dtype), device_map={"": device},
+            work, quantization_config=nf4_config(compute_dtype), dtype=torch_dtype(compute_dtype), device_map={"": device},
             trust_remote_code=run.config.model.trust_remote_code,
         )
         with atomic_dir(dest) as tmp:
