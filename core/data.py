@@ -126,18 +126,26 @@ class TokenizedExample:
     offsets: Optional[list[tuple[int, int]]] = None
     #: the text already ended in the EOS token, so none was appended
     had_eos: bool = False
+    #: the rendered prompt (preflight looks for the template's response marker in it)
+    prompt: str = ""
 
     @property
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def tokenize_example(
-    example: dict[str, Any], template: PromptTemplate, tokenizer, max_length: int, responses_only: bool, with_offsets: bool = False
-) -> TokenizedExample:
+def eos_token_id(tokenizer) -> int:
+    """The tokenizer's EOS id; refused when it has none (every example ends in a trained EOS)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise QtuneError("the tokenizer has no EOS token, so the model cannot learn to stop; set eos_token in its tokenizer_config.json")
+    return eos
+
+
+def tokenize_example(
+    example: dict[str, Any], template: PromptTemplate, tokenizer, max_length: int, responses_only: bool, with_offsets: bool = False
+) -> TokenizedExample:
+    eos = eos_token_id(tokenizer)
     prompt = template.render_prompt(example)
     completion = template.render_completion(example)
     text = prompt + completion
@@ -166,6 +174,7 @@ def tokenize_example(
         text=text if with_offsets else None,
         offsets=offsets[:max_length] if with_offsets else None,
         had_eos=had_eos,
+        prompt=prompt,
     )
 
 
@@ -177,14 +186,11 @@ def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
     max_length = config.model.max_seq_length
     responses_only = config.training.train_on_responses_only
     marker = template.response_marker
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise QtuneError("the tokenizer has no EOS token, so the model cannot learn to stop; set eos_token in its tokenizer_config.json")
+    eos = eos_token_id(tokenizer)  # refused here once, before the first row
 
     def encode(example):
         row = example.get(ROW_COLUMN, -1)
         try:
-            prompt = template.render_prompt(example)
             tokenized = tokenize_example(example, template, tokenizer, max_length, responses_only)
         except QtuneError:
             raise
@@ -200,7 +206,7 @@ def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
             "trained": tokenized.trained_tokens,
             "eos_trained": bool(tokenized.labels) and tokenized.labels[-1] == eos,
             "had_eos": tokenized.had_eos,
-            "marker_found": (not marker) or marker in prompt,
+            "marker_found": (not marker) or marker in tokenized.prompt,
             "error": "",
         }
 
