@@ -146,7 +146,7 @@ def _print_new_findings(report, console, start: int) -> int:
     from .preflight import print_findings
 
     new = type(report)(config=report.config, findings=report.findings[start:])
-    print_findings(new, console, console)
+    print_findings(new, console)
     return len(report.findings)
 
 

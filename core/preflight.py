@@ -362,8 +362,8 @@ def data_fingerprint(dataset) -> str:
 # --------------------------------------------------------------------------- printing
 
 
-def print_findings(report: Report, out, err) -> None:
-    """Warnings and notes on ``out`` (Rich consoles); errors are the caller's (they stop the run)."""
+def print_findings(report: Report, out) -> None:
+    """Warnings and notes on ``out`` (a Rich console); errors are the caller's (they stop the run)."""
     for finding in report.warnings:
         colour = "yellow" if finding.level == WARNING else "cyan"
         out.print(f"[{colour}]{finding.level}:[/] ", end="", soft_wrap=True)

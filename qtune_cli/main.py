@@ -241,7 +241,7 @@ def validate(config_path: Path, overrides: tuple[str, ...], show: int):
 
     report = preflight(config)
     out = console()
-    print_findings(report, out, out)
+    print_findings(report, out)
     if show:
         show_examples(report, show, out)
     if report.errors:
