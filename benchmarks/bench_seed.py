@@ -640,26 +640,6 @@ def one_cpu_per_core(limit: int = 8) -> list[int]:
     return chosen[:limit]
 
 
-def _run(name: str, cmd: list[str], env: dict, timeout: float, log: list, cpus: list[int] | None = None) -> tuple[int, float, str]:
-    started = time.perf_counter()
-    print(f"--- {name}: {' '.join(cmd[:4])} ... (timeout {timeout:.0f} s)", flush=True)
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(WORK), preexec_fn=pin)
-        rc, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = 124
-        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        output += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-    wall = time.perf_counter() - started
-    tail = "\n".join(output.splitlines()[-120:])
-    log.append(f"===== {name} rc={rc} wall={wall:.1f}s =====\n{tail}\n")
-    print(f"    rc={rc} wall={wall:.1f} s", flush=True)
-    if rc != 0:
-        print("\n".join(output.splitlines()[-25:]), flush=True)
-    return rc, wall, output
-
-
 def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: Path) -> dict:
     """The command, environment and result file of one setup (a letter, flags, repeat digits)."""
     key = setup.rstrip("0123456789")
@@ -705,16 +685,20 @@ def cpu_shares(cpus: list[int], members: int, group_index: int) -> list[list[int
     return shares[turn:] + shares[:turn]
 
 
-def _run_together(names: list[str], cmds: list[list[str]], envs: list[dict], timeout: float, log: list,
-                  cpu_sets: list[list[int]]) -> list[tuple[int, float, str]]:
-    """Start every command at once, each pinned to its CPU set; wait for all (one deadline)."""
+def _run_jobs(names: list[str], cmds: list[list[str]], envs: list[dict], timeout: float, log: list,
+              cpu_sets: list[list[int] | None]) -> list[tuple[int, float, str]]:
+    """Start every command at once, each pinned to its CPU set (None: not pinned), and wait for all
+    under one deadline. Returns (exit status, seconds, output) per command; 124 when it ran out."""
     started = time.perf_counter()
-    print(f"--- {' + '.join(names)} side by side on CPUs {cpu_sets} (timeout {timeout:.0f} s)", flush=True)
+    together = len(cmds) > 1
+    where = f" side by side on CPUs {cpu_sets}" if together else f": {' '.join(cmds[0][:4])} ..."
+    print(f"--- {' + '.join(names)}{where} (timeout {timeout:.0f} s)", flush=True)
     procs = []
     for cmd, env, cpu_set in zip(cmds, envs, cpu_sets, strict=True):
         logfile = open(WORK / f"log-{len(procs)}-{int(started)}.txt", "w+")  # noqa: SIM115 (closed below)
+        pin = (lambda s=cpu_set: os.sched_setaffinity(0, s)) if cpu_set else None
         procs.append((subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(WORK),
-                                       preexec_fn=(lambda s=cpu_set: os.sched_setaffinity(0, s))), logfile))
+                                       preexec_fn=pin), logfile))
     outcomes = []
     for name, (proc, logfile) in zip(names, procs, strict=True):
         try:
@@ -728,7 +712,7 @@ def _run_together(names: list[str], cmds: list[list[str]], envs: list[dict], tim
         output = logfile.read()
         logfile.close()
         tail = "\n".join(output.splitlines()[-120:])
-        log.append(f"===== {name} rc={rc} wall={wall:.1f}s (side by side) =====\n{tail}\n")
+        log.append(f"===== {name} rc={rc} wall={wall:.1f}s{' (side by side)' if together else ''} =====\n{tail}\n")
         print(f"    {name}: rc={rc} wall={wall:.1f} s", flush=True)
         if rc != 0:
             print("\n".join(output.splitlines()[-25:]), flush=True)
@@ -807,7 +791,7 @@ def run(opts) -> int:
     if opts.keep and (model / "config.json").is_file():
         rc, wall, output = 0, 0.0, '{"reused": true}'
     else:
-        rc, wall, output = _run("build", [sys.executable, __file__, "_build", str(model)], env, 300, log)
+        [(rc, wall, output)] = _run_jobs(["build"], [[sys.executable, __file__, "_build", str(model)]], [env], 300, log, [None])
     report["build"] = {"rc": rc, "wall_s": round(wall, 1)}
     if rc == 0:
         for line in output.splitlines():
@@ -835,23 +819,20 @@ def run(opts) -> int:
             continue
         jobs = [_worker_job(setup, opts, env, model, data, out_dir) for setup in members]
         timeout = opts.deadline_s - (time.perf_counter() - t_start)
-        if len(jobs) == 1:
-            outcomes = [_run(members[0], jobs[0]["cmd"], jobs[0]["env"], timeout, log, cpus)]
-        else:
+        sets = [cpus]
+        if len(jobs) > 1:
             # Side by side: the setups of a group run at the same time, each pinned to its own share of
             # the CPUs, so they meet the same host conditions. The shares rotate from group to group:
             # list the members in the same order every time (a+b,a2+b2) and each setup uses each share.
             sets = cpu_shares(all_cpus, len(jobs), index)
             for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
                 job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
-            outcomes = _run_together(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
-            for job, cpu_set in zip(jobs, sets, strict=True):
-                job["cpus"] = cpu_set
-        for setup, job, (rc, wall, output) in zip(members, jobs, outcomes, strict=True):
+        outcomes = _run_jobs(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
+        for setup, job, cpu_set, (rc, wall, output) in zip(members, jobs, sets, outcomes, strict=True):
             result = json.loads(job["result_file"].read_text()) if job["result_file"].is_file() else {}
             result.update(label=job["label"], rc=rc, wall_s=round(wall, 1))
             if len(jobs) > 1:
-                result.update(together_with=[m for m in members if m != setup], cpus=job.get("cpus"))
+                result.update(together_with=[m for m in members if m != setup], cpus=cpu_set)
             if rc != 0:
                 result["error_tail"] = "\n".join(output.splitlines()[-15:])
             report["results"][setup] = result

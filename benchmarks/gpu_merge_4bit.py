@@ -205,6 +205,7 @@ def export_one(run, fmt: str) -> dict:
 
     from qtune.errors import QtuneError
     from qtune.export import EXPORTS_RECORD, export_run
+    from qtune.fsutil import read_json_dict
 
     _empty_cache()
     started = time.perf_counter()
@@ -215,11 +216,11 @@ def export_one(run, fmt: str) -> dict:
         name = Path(result.path).name
     except QtuneError as error:  # a failed verification still leaves the export and its record
         row["error"] = str(error)
-        records = _read(run.exports_dir / EXPORTS_RECORD)
+        records = read_json_dict(run.exports_dir / EXPORTS_RECORD)
         name = next((k for k in records if k.startswith(fmt)), None)
     row["wall_s"] = round(time.perf_counter() - started, 1)
     row.update(_peaks())
-    record = _read(run.exports_dir / EXPORTS_RECORD).get(name) if name else None
+    record = read_json_dict(run.exports_dir / EXPORTS_RECORD).get(name) if name else None
     if record:
         row["export_s"] = record.get("seconds")
         row["size_gib"] = round(record.get("bytes", 0) / GIB, 3)
@@ -228,7 +229,7 @@ def export_one(run, fmt: str) -> dict:
                     "seconds", "reference", "min_top1", "min_top5", "failures"):
             row[f"verify_{key}"] = verify.get(key)
         if fmt == "merged-4bit":
-            row["quantization_config"] = _read(Path(record["path"]) / "config.json").get("quantization_config")
+            row["quantization_config"] = read_json_dict(Path(record["path"]) / "config.json").get("quantization_config")
     return row
 
 
@@ -265,14 +266,6 @@ def control_row(run, quantization) -> dict:
             "verify_top1_agreement": round(top1, 4), "verify_top5_agreement": round(top5, 4),
             "verify_max_abs_logit_diff": round(max(r.max_abs_logit_diff for r in results), 4), "verify_tokens": tokens,
             "would_pass_merged_4bit_bounds": passes}
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _cell(row: dict, key: str, width: int, spec: str) -> str:

@@ -33,15 +33,23 @@ def test_side_by_side_groups_swap_cpu_halves(bench):
     assert bench.cpu_shares([0], 2, 1) == [[0], [0]]
 
 
-def test_run_together_pins_each_process_to_its_share(bench):
+def test_run_jobs_pins_each_process_to_its_share(bench):
     available = sorted(os.sched_getaffinity(0))
     shares = bench.cpu_shares(available, 2, 1)
     code = "import os; print(sorted(os.sched_getaffinity(0)))"
     log: list[str] = []
-    outcomes = bench._run_together(["x", "y"], [[sys.executable, "-c", code]] * 2, [dict(os.environ)] * 2, 60, log, shares)
+    outcomes = bench._run_jobs(["x", "y"], [[sys.executable, "-c", code]] * 2, [dict(os.environ)] * 2, 60, log, shares)
     assert [rc for rc, _, _ in outcomes] == [0, 0]
     assert [json.loads(out) for _, _, out in outcomes] == shares
     assert len(log) == 2 and "side by side" in log[0]
+
+
+def test_run_jobs_runs_one_setup_unpinned_and_stops_it_at_the_deadline(bench):
+    log: list[str] = []
+    [(rc, _, output)] = bench._run_jobs(["one"], [[sys.executable, "-c", "print('hello')"]], [dict(os.environ)], 60, log, [None])
+    assert (rc, output.strip()) == (0, "hello") and "side by side" not in log[0]
+    [(rc, wall, _)] = bench._run_jobs(["slow"], [[sys.executable, "-c", "import time; time.sleep(30)"]], [dict(os.environ)], 1, log, [None])
+    assert rc == 124 and wall < 20
 
 
 def test_setup_names_become_the_right_commands(bench, tmp_path):
