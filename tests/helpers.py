@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -14,6 +17,27 @@ ALPACA_ROWS = [
     {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
     {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
 ]
+
+
+#: the installed `qtune` console script
+QTUNE = str(Path(sys.executable).with_name("qtune"))
+#: what every test process gets: no hub (CI has none), no tokenizers thread pool
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_qtune(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """The installed `qtune` script in a fresh process, offline, as a user runs it."""
+    return subprocess.run([QTUNE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **OFFLINE_ENV, **(env or {})}, timeout=timeout)
+
+
+def one_line_error(result) -> str:
+    """Assert that ``result`` failed with exactly one line on stderr and no traceback; return the line."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

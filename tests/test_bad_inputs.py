@@ -7,19 +7,14 @@ appears. Every case fails before a model's weights load; most before torch is im
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import ALPACA_ROWS, model_folder_with_weights, write_jsonl
-
-QTUNE = str(Path(sys.executable).with_name("qtune"))
+from helpers import ALPACA_ROWS, model_folder_with_weights, one_line_error, run_qtune, write_jsonl
 
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {}
 
@@ -356,17 +351,9 @@ def test_bad_input_is_refused_in_one_line_writing_nothing(name, tmp_path, tiny_q
     work.mkdir()
     argv, env = build(work, tiny_qwen_dir)
     before = listing(work)
-    result = subprocess.run(
-        [QTUNE, *map(str, argv)], capture_output=True, text=True, cwd=work, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env},
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: "), lines[0]
+    line = one_line_error(run_qtune(*argv, cwd=work, env=env, timeout=300))
+    assert line.startswith("Error: "), line
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
     assert listing(work) == before, "files were written"
     assert (work / "runs").exists() == ("runs" in before), "an output folder appeared"

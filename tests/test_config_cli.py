@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from helpers import ALPACA_ROWS, tiny_run_config, write_jsonl
+from helpers import ALPACA_ROWS, one_line_error, tiny_run_config, write_jsonl
+from helpers import run_qtune as qtune
 from qtune.config import load_config
 from qtune.errors import ConfigError
 from qtune_cli.main import cli
 
-QTUNE = str(Path(sys.executable).with_name("qtune"))
-
-
-def qtune(*args, cwd=None, env=None):
-    """The installed `qtune` script in a fresh process, as a user runs it."""
-    return subprocess.run([QTUNE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=600)
-
 
 def assert_one_line_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+    line = one_line_error(result)
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
 
 
 def test_help_is_fast_and_imports_no_torch():

@@ -14,7 +14,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,24 +21,19 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from helpers import ALPACA_ROWS, model_folder_with_weights, read_metrics, tiny_run_config, write_jsonl
+from helpers import (
+    ALPACA_ROWS,
+    OFFLINE_ENV,
+    QTUNE,
+    model_folder_with_weights,
+    one_line_error,
+    read_metrics,
+    tiny_run_config,
+    write_jsonl,
+)
+from helpers import run_qtune as qtune
 from qtune.config import Config, load_config
 from qtune.errors import QtuneError
-
-QTUNE = str(Path(sys.executable).with_name("qtune"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def qtune(*args, cwd=None, env=None, timeout=600):
-    return subprocess.run([QTUNE, *map(str, args)], capture_output=True, text=True, cwd=cwd, env={**ENV, **(env or {})}, timeout=timeout)
-
-
-def one_line_error(result) -> str:
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def steps(run_dir: Path) -> list[dict]:
@@ -203,7 +197,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen_dir
     # Kill -9 once checkpoint-4 is complete and step 5 is logged: steps after the checkpoint are
     # in metrics.jsonl and must be logged once only after the resume.
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([QTUNE, "run", str(configs["killed"]), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen([QTUNE, "run", str(configs["killed"]), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
             if checkpoint_is_complete(run_dir / "checkpoints" / "checkpoint-4") and 5 in _logged_steps(run_dir / "metrics.jsonl"):
