@@ -25,7 +25,8 @@ Usage
       python3 benchmarks/bench_seed.py run --out $OUT
   Options: --setups a,b,c,d  --warmup 4  --steps 14  --budget-s 500 (start no setup after it)
            --setups a+b,a2+b2,a3+b3: each group's setups run at the same time, on halves of the CPUs
-           that swap from one group to the next (the host's speed drifts; see docs/benchmarks.md)
+           that swap from one group to the next (the host's speed drifts; see docs/benchmarks.md);
+           with --shared they share all CPUs, unpinned
            --deadline-s 575 (stop a running setup then; the device runs a command 600 s at most)
   w (an untimed notebook run) can go first so that every timed setup finds torch.compile's and
   Triton's caches warm; with 4 warm-up steps the first setup was within 3% without it.
@@ -85,10 +86,18 @@ SETUPS = {
 #   i  (b, c) qtune with SFTConfig.logging_nan_inf_filter=True (its default since the fix)
 #   p  (any)  torch.profiler over 2 steps after the warm-up: op tables in $OUT/profile-<setup>.txt
 #   m  (any)  count the Python functions run over 2 steps after the warm-up: $OUT/calls-<setup>.txt
+#   h  (any)  split the main thread's CPU time and page faults over the timed steps into the model's
+#             forward, the optimizer step and the rest (backward waits, data, callbacks, logging)
+#   M  (any)  glibc malloc without its dynamic mmap threshold (MALLOC_MMAP_THRESHOLD_=32 MiB, the most
+#             glibc takes, MALLOC_TRIM_THRESHOLD_=1 GiB): host buffers up to 32 MiB are reused, not
+#             mapped, faulted in and unmapped again
+#   q  (a)    the notebook in qtune's process environment: qtune's CLI, config and plugins imported and
+#             its library settings (quiet_libraries) applied before unsloth, as `qtune run` has them
 FLAG_LABELS = {"u": "unsloth imported first", "n": "--no-progress", "g": "qtune's SFTConfig flags",
                "f": "logging_nan_inf_filter=False", "t": "pre-tokenized data",
                "k": "SFTConfig gradient_checkpointing=True", "i": "SFTConfig logging_nan_inf_filter=True",
-               "p": "profiled", "m": "Python calls counted"}
+               "p": "profiled", "m": "Python calls counted", "q": "in qtune's process environment",
+               "M": "malloc thresholds fixed", "h": "main thread split by phase"}
 # Wraps qtune.training.sft_config for flags k and i (diagnostics: qtune itself is not changed).
 SFT_OVERRIDE = (
     "import qtune.training as _t; _f = _t.sft_config\n"
@@ -100,19 +109,152 @@ SFT_OVERRIDE = (
 # --------------------------------------------------------------------------- timing, in each worker
 
 
-def thread_cpu_seconds() -> dict[str, tuple[str, float]]:
-    """CPU seconds (user + system) of each thread of this process, by thread id: (name, seconds)."""
+def thread_counters() -> dict[str, dict]:
+    """Each thread of this process, by thread id: its name, user and system CPU seconds, the seconds
+    it waited for a CPU (schedstat) and its involuntary context switches."""
     ticks = os.sysconf("SC_CLK_TCK")
     out = {}
     for tid in os.listdir("/proc/self/task"):
+        task = Path(f"/proc/self/task/{tid}")
         try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            stat = (task / "stat").read_text()
+            schedstat = (task / "schedstat").read_text().split()
+            status = (task / "status").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        switches = {k: int(v) for k, v in (line.split(":") for line in status.splitlines() if line.endswith(tuple("0123456789")) and "ctxt_switches" in line)}
+        out[tid] = {"name": stat[stat.index("(") + 1 : stat.rindex(")")], "user_s": int(fields[11]) / ticks,
+                    "sys_s": int(fields[12]) / ticks, "runq_wait_s": int(schedstat[1]) / 1e9,
+                    "minor_faults": int(fields[7]),
+                    "involuntary": switches.get("nonvoluntary_ctxt_switches", 0)}
     return out
+
+
+def host_counters() -> dict:
+    """This process's page faults; for every CPU, the seconds the hypervisor ran something else on it
+    (steal, /proc/stat): a host-bound step slows down when its CPU is stolen; and the processes
+    started on the machine so far (a fork makes every page copy-on-write: the next write to each
+    page faults)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = Path("/proc/self/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    steal, forks = {}, 0
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            parts = line.split()
+            if parts[0].startswith("cpu") and parts[0] != "cpu" and len(parts) > 8:
+                steal[parts[0][3:]] = int(parts[8]) / ticks
+            elif parts[0] == "processes":
+                forks = int(parts[1])
+    except OSError:
+        pass
+    return {"minor_faults": int(fields[7]), "major_faults": int(fields[9]), "steal_s": steal, "forks": forks}
+
+
+def allocator_counters() -> dict:
+    """CUDA caching-allocator events (device mallocs and frees, retries after freeing the cache)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+
+
+def counter_deltas(before: dict, now: dict) -> dict:
+    """What the timed steps added to :func:`thread_counters`, :func:`host_counters` and
+    :func:`allocator_counters` (threads with the most CPU first)."""
+    threads = {}
+    for tid, t in now["threads"].items():
+        keys = ("user_s", "sys_s", "runq_wait_s", "involuntary", "minor_faults")
+        b = before["threads"].get(tid, dict.fromkeys(keys, 0))
+        threads[f"{t['name']}/{tid}"] = {k: round(t[k] - b[k], 3) for k in keys}
+    top = dict(sorted(threads.items(), key=lambda kv: -(kv[1]["user_s"] + kv[1]["sys_s"]))[:6])
+    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    steal = {c: round(now["host"]["steal_s"].get(c, 0.0) - before["host"]["steal_s"].get(c, 0.0), 2) for c in cpus}
+    return {
+        "thread_cpu_s": {k: round(v["user_s"] + v["sys_s"], 3) for k, v in top.items()},
+        "thread_counters": top,
+        "minor_faults": now["host"]["minor_faults"] - before["host"]["minor_faults"],
+        "major_faults": now["host"]["major_faults"] - before["host"]["major_faults"],
+        "forks_on_machine": now["host"]["forks"] - before["host"]["forks"],
+        "steal_s_on_my_cpus": round(sum(steal.values()), 2),
+        "steal_s_by_cpu": steal,
+        "allocator": {k: now["allocator"][k] - before["allocator"].get(k, 0) for k in now["allocator"]},
+        "python_arenas": {k: now["arenas"][k] - before["arenas"].get(k, 0) for k in ("allocated_total", "reclaimed") if k in now["arenas"]}
+        | {f"{k}_now": now["arenas"][k] for k in ("allocated_current", "highwater_mark") if k in now["arenas"]},
+    }
+
+
+def offload_state() -> dict:
+    """Unsloth's offloaded gradient checkpointing, as it stands: its host buffers, how many are
+    pinned (a pageable one makes each offload copy a synchronous CPU memcpy) and torch's pinned pool."""
+    gc_module = sys.modules.get("unsloth_zoo.gradient_checkpointing")
+    if gc_module is None:
+        return {}
+    buffers = [b for b in getattr(gc_module, "CPU_BUFFERS", []) if b is not None]
+    attr = getattr(gc_module, "HOST_PINNED_ATTR", "_unsloth_is_pinned")
+    pinned = [b for b in buffers if getattr(b, attr, False)]
+    state = {"buffers": len(buffers), "pinned": len(pinned),
+             "pageable_mib": round(sum(b.untyped_storage().nbytes() for b in buffers if not getattr(b, attr, False)) / 2**20, 1),
+             "pinned_mib": round(sum(b.untyped_storage().nbytes() for b in pinned) / 2**20, 1)}
+    for name in ("PINNED_MEMORY_AVAILABLE", "GC_PINNED_CAP", "GC_PINNED_BYTES", "USE_DOUBLE_BUFFER", "LAST_GC_INDEX", "MINIMUM_SIZE"):
+        value = getattr(gc_module, name, None)
+        state[name] = value if isinstance(value, (bool, int, float, type(None))) else repr(value)
+    try:
+        import torch
+
+        host = torch.cuda.host_memory_stats()
+        state["host_allocator"] = {k: host[k] for k in ("allocated_bytes.current", "active_bytes.current", "num_host_alloc", "num_host_free") if k in host}
+    except Exception as exc:
+        state["host_allocator"] = repr(exc)
+    return state
+
+
+def python_arena_counters() -> dict:
+    """CPython's small-object allocator: arenas (1 MiB mmaps) allocated and given back so far. Objects
+    a forward pass keeps for its backward fill arenas; if the backward frees them all, the arena is
+    unmapped, and the next forward maps it again and faults its pages in."""
+    import tempfile
+
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+") as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)  # _debugmallocstats writes to C's stderr
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("# arenas ") and "=" in line:
+            key, value = line[len("# arenas "):].split("=")
+            out[key.strip().replace(" ", "_")] = int(value.strip().replace(",", ""))
+    return out
+
+
+def huge_page_state() -> dict:
+    """Transparent huge pages: the system's mode and how much of this process's memory they back
+    (one fault maps 2 MiB instead of 4 KiB)."""
+    out = {}
+    try:
+        out["thp_enabled"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Anonymous", "AnonHugePages"):
+                out[key.lower() + "_mib"] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def all_counters() -> dict:
+    return {"threads": thread_counters(), "host": host_counters(), "allocator": allocator_counters(),
+            "arenas": python_arena_counters()}
 
 
 def host_dispatch_us(iterations: int = 3000) -> float:
@@ -213,6 +355,59 @@ class PythonCallCounter:
         return "\n".join(lines) + "\n"
 
 
+class PhaseMeter:
+    """Flag h: the calling thread's user and system CPU seconds and minor page faults, added up per
+    phase (getrusage(RUSAGE_THREAD) at each phase's start and end)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+        self.started: dict[str, tuple[float, float, int]] = {}
+        self.active = False
+
+    @staticmethod
+    def now() -> tuple[float, float, int]:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+    def begin(self, phase: str) -> None:
+        if self.active:
+            self.started[phase] = self.now()
+
+    def end(self, phase: str) -> None:
+        start = self.started.pop(phase, None)
+        if self.active and start is not None:
+            total = self.totals.setdefault(phase, [0.0, 0.0, 0])
+            for i, value in enumerate(self.now()):
+                total[i] += value - start[i]
+
+    def attach(self, model) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        model.register_forward_pre_hook(lambda *_: self.begin("forward"))
+        model.register_forward_hook(lambda *_: self.end("forward"))
+        register_optimizer_step_pre_hook(lambda *_: self.begin("optimizer"))
+        register_optimizer_step_post_hook(lambda *_: self.end("optimizer"))
+
+    def start(self) -> None:
+        self.active, self.main_start = True, self.now()
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """At a step's end: what :meth:`report` reads (training's own end is not a step)."""
+        self.at_checkpoint = ({k: list(v) for k, v in self.totals.items()}, self.now())
+
+    def report(self, steps: int) -> dict:
+        totals, now = self.at_checkpoint
+        whole = [b - a for a, b in zip(self.main_start, now, strict=True)]
+        phases = dict(totals)
+        phases["rest"] = [whole[i] - sum(t[i] for t in totals.values()) for i in range(3)]
+        phases["all"] = whole
+        return {name: {"user_ms": round(t[0] / steps * 1e3, 1), "sys_ms": round(t[1] / steps * 1e3, 1),
+                       "faults": round(t[2] / steps)} for name, t in phases.items()}
+
+
 class StepTimer:
     """Counts the tokens every forward pass receives and times optimizer steps.
 
@@ -251,6 +446,10 @@ class StepTimer:
                 self.tokens += int(ids.numel())
 
         model.register_forward_pre_hook(count, with_kwargs=True)
+        self.phases = PhaseMeter() if os.environ.get("BENCH_PHASES") else None
+
+        if self.phases is not None:
+            self.phases.attach(model)
         import gc
 
         gc.collect()
@@ -270,7 +469,13 @@ class StepTimer:
             torch.cuda.synchronize()
         self.marks.append((step, time.perf_counter(), self.tokens, self.gc_seconds))
         if step == self.warmup:
-            self.threads_at_warmup = thread_cpu_seconds()
+            self.threads_at_warmup = all_counters()
+            self.offload_at_warmup = offload_state()
+            self.huge_pages_at_warmup = huge_page_state()
+            if self.phases is not None:
+                self.phases.start()
+        if self.phases is not None and self.phases.active:
+            self.phases.checkpoint()
         self.host_us.append(round(host_dispatch_us(), 3))  # ~5 ms, charged to the next step alike in every setup
         self._profile(step)
         self._count_calls(step)
@@ -332,13 +537,18 @@ class StepTimer:
             )
         out["host_dispatch_us"] = self.host_us
         if self.threads_at_warmup is not None:
-            # Which threads used the CPU during the timed steps (a busy helper thread slows the host-bound loop).
-            now, before = thread_cpu_seconds(), self.threads_at_warmup
-            busy = {f"{name}/{tid}": seconds - before.get(tid, (name, 0.0))[1] for tid, (name, seconds) in now.items()}
+            # Which threads used the CPU during the timed steps (a busy helper thread slows the host-bound
+            # loop), how long they waited for a CPU, page faults, steal time and allocator events.
+            now = all_counters()
             wall = marks[-1][1] - marks[0][1] if len(marks) >= 2 else 0.0
             out["timed_wall_s"] = round(wall, 3)
-            out["thread_cpu_s"] = {k: round(v, 3) for k, v in sorted(busy.items(), key=lambda kv: -kv[1])[:10]}
-            out["threads"] = len(now)
+            out.update(counter_deltas(self.threads_at_warmup, now))
+            out["offload_at_warmup"], out["offload"] = self.offload_at_warmup, offload_state()
+            out["huge_pages_at_warmup"], out["huge_pages"] = self.huge_pages_at_warmup, huge_page_state()
+            if self.phases is not None and self.phases.active:
+                # per timed step, on the main thread (the one that calls step_end)
+                out["main_thread_phases"] = self.phases.report(marks[-1][0] - marks[0][0])
+            out["threads"] = len(now["threads"])
         if torch.cuda.is_available():
             out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -498,6 +708,13 @@ def _sft_args(steps: int, bf16: bool, **extra):
 
 def worker_notebook(args: dict) -> dict:
     """Setup a: the seed notebook's calls, in its order."""
+    if args.get("qtune_env"):  # flag q
+        import qtune.pipeline  # noqa: F401
+        from qtune.plugin_manager import get_host
+        from qtune_cli.main import quiet_libraries
+
+        quiet_libraries()
+        get_host()
     from unsloth import FastLanguageModel, is_bfloat16_supported  # noqa: I001  (first, as the notebook does)
 
     max_seq_length = 2048
@@ -649,6 +866,10 @@ def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: P
     result_file = WORK / f"result-{setup}.json"
     result_file.unlink(missing_ok=True)
     worker_env = dict(env, BENCH_RESULT=str(result_file))
+    if "h" in flags:
+        worker_env["BENCH_PHASES"] = "1"
+    if "M" in flags:
+        worker_env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
     if "p" in flags:
         worker_env["BENCH_PROFILE"] = str(out_dir / f"profile-{setup}.txt")
     if "m" in flags:
@@ -656,7 +877,7 @@ def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: P
     if key in ("a", "d", "w"):
         steps = opts.warmup_run_steps if key == "w" else opts.steps
         args = json.dumps({"model": str(model), "data": str(data), "steps": steps, "warmup": min(opts.warmup, steps - 1),
-                           "pretokenized": "t" in flags,
+                           "pretokenized": "t" in flags, "qtune_env": "q" in flags,
                            "sft_overrides": {**(QTUNE_SFT_FLAGS if "g" in flags else {}),
                                              **({"logging_nan_inf_filter": False} if "f" in flags else {})}})
         cmd = [sys.executable, __file__, "_transformers" if key == "d" else "_notebook", args]
@@ -824,7 +1045,8 @@ def run(opts) -> int:
             # Side by side: the setups of a group run at the same time, each pinned to its own share of
             # the CPUs, so they meet the same host conditions. The shares rotate from group to group:
             # list the members in the same order every time (a+b,a2+b2) and each setup uses each share.
-            sets = cpu_shares(all_cpus, len(jobs), index)
+            # --shared leaves them unpinned on all CPUs: each then meets every CPU's conditions alike.
+            sets = [None] * len(jobs) if opts.shared else cpu_shares(all_cpus, len(jobs), index)
             for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
                 job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
         outcomes = _run_jobs(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
@@ -926,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="where bench_seed.json goes (default $OUT)")
     p.add_argument("--source", action="store_true", help="import qtune from this checkout, not the bundle")
     p.add_argument("--pin", action="store_true", help="pin every one-at-a-time setup to one CPU per physical core")
+    p.add_argument("--shared", action="store_true",
+                   help="side-by-side setups share all CPUs (unpinned) instead of halves that swap")
     p.add_argument("--keep", action="store_true", help="reuse the work folder and checkpoint of an earlier call on the same machine")
     opts = parser.parse_args(argv)
     if opts.command == "prepare":

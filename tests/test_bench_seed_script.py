@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,6 +72,10 @@ def test_setup_names_become_the_right_commands(bench, tmp_path):
     assert '"profile": "fast"' in (bench.WORK / "config-c.yaml").read_text()
     assert job("bp")["env"]["BENCH_PROFILE"] == str(tmp_path / "profile-bp.txt")
     assert job("bn")["cmd"][-1] == "--no-progress"
+    assert json.loads(job("aq")["cmd"][3])["qtune_env"] is True and "qtune's process environment" in job("aq")["label"]
+    assert json.loads(job("a")["cmd"][3])["qtune_env"] is False
+    assert job("bh")["env"]["BENCH_PHASES"] == "1" and "BENCH_PHASES" not in job("b")["env"]
+    assert job("bM")["env"]["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
 
 
 def test_report_pools_repeats_and_checks_the_targets(bench, tmp_path, capsys):
@@ -106,3 +111,57 @@ def test_python_call_counter_counts_each_function_start(bench):
     assert table.splitlines()[0].startswith("python function starts:") and "tick" in table
     tick()  # stopped: no longer counted
     assert {code.co_name: n for code, n in counter.counts.items()}["tick"] == 7
+
+
+def test_counter_deltas_charge_cpu_time_to_the_busy_thread(bench):
+    import threading
+    import time
+
+    before = bench.all_counters()
+    started = time.process_time()
+    while time.process_time() - started < 0.3:  # this thread busy for 0.3 s of CPU
+        pass
+    deltas = bench.counter_deltas(before, bench.all_counters())
+    me = next(v for k, v in deltas["thread_counters"].items() if k.endswith(f"/{threading.get_native_id()}"))
+    assert me["user_s"] + me["sys_s"] >= 0.2
+    assert set(deltas["steal_s_by_cpu"]) == {str(c) for c in os.sched_getaffinity(0)}
+    assert deltas["minor_faults"] >= 0 and deltas["major_faults"] >= 0
+    before = bench.all_counters()
+    subprocess.run(["true"], check=True)
+    assert bench.counter_deltas(before, bench.all_counters())["forks_on_machine"] >= 1
+
+
+def test_phase_meter_splits_the_main_thread_by_forward_and_optimizer(bench):
+    import torch
+
+    model = torch.nn.Linear(256, 256)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    meter = bench.PhaseMeter()
+    meter.attach(model)
+    model(torch.ones(1, 256))  # not counted: the meter starts at the warm-up's end
+    assert meter.totals == {}
+    meter.start()
+    for _ in range(3):
+        model(torch.ones(64, 256)).sum().backward()
+        optimizer.step()
+        meter.checkpoint()
+    report = meter.report(steps=3)
+    assert set(report) == {"forward", "optimizer", "rest", "all"}
+    assert report["all"]["user_ms"] + report["all"]["sys_ms"] >= report["forward"]["user_ms"]
+    assert all(v["faults"] >= 0 for k, v in report.items() if k != "rest")
+
+
+def test_python_arena_counters_see_arenas_mapped_and_unmapped():
+    # In a fresh interpreter (a long-lived one has free room in its arenas): ~8 MiB of small objects
+    # made and freed three times maps fresh arenas and unmaps them again.
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_seed\n"
+        "before = bench_seed.python_arena_counters()\n"
+        "for _ in range(3):\n    objects = [(i,) for i in range(200_000)]\n    del objects\n"
+        "after = bench_seed.python_arena_counters()\n"
+        "print(json.dumps({k: after[k] - before[k] for k in ('allocated_total', 'reclaimed')}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    delta = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert delta["allocated_total"] >= 3 and delta["reclaimed"] >= 3, delta
