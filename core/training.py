@@ -15,6 +15,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,23 @@ def all_finite(tensors) -> bool:
         return bool(torch.isfinite(torch.stack([total.to(sums[0].device) for total in sums])).all())
 
 
+def batch_tokens(inputs) -> Any:
+    """The tokens a training batch feeds the model, padding left out: the attention mask's sum or,
+    for padding-free and packed batches (which carry no mask), every input id.
+
+    An int for a batch on the CPU (as the trainer's data loader hands it over); a 0-dim tensor,
+    read later, for one already on a GPU, so that counting never waits for the device.
+    """
+    if not isinstance(inputs, Mapping):
+        return 0
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        total = mask.sum()
+        return int(total) if total.device.type == "cpu" else total
+    ids = inputs.get("input_ids")
+    return int(ids.numel()) if ids is not None else 0
+
+
 def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
     """A transformers TrainerCallback that forwards the trainer's events to qtune's callbacks."""
     from transformers import TrainerCallback
@@ -134,15 +152,21 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
     class QtuneBridge(TrainerCallback):
         def __init__(self) -> None:
             self.last_time = time.perf_counter()
+            # Counted here, not read from trl's num_tokens: Unsloth drops that from the logs on the GPU.
+            self.tokens: Any = 0  # trained tokens so far in this process (batch_tokens)
             self.last_tokens = 0.0
             self.params = []  # the trained weights, set when training starts
             self.step_losses = []  # this optimizer step's micro-batch losses, still on the device
 
         def watch(self, trainer) -> None:
-            """Keep each micro-batch's loss (on the device: no sync) for the check at the step's end."""
+            """Count each micro-batch's tokens and keep its loss (on the device: no sync) for the
+            check at the step's end."""
             training_step = trainer.training_step
 
             def watched_training_step(*args, **kwargs):
+                # called as Trainer.training_step(model, inputs, num_items_in_batch)
+                inputs = kwargs.get("inputs", args[1] if len(args) > 1 else None)
+                self.tokens += batch_tokens(inputs)
                 loss = training_step(*args, **kwargs)
                 self.step_losses.append(loss.detach())
                 return loss
@@ -153,6 +177,7 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
             run.total_steps = state.max_steps
             self.start_step = state.global_step
             self.last_time = time.perf_counter()
+            self.tokens, self.last_tokens = 0, 0.0
             model = kwargs.get("model")
             self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
             self.step_losses = []
@@ -182,13 +207,12 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
                 raise NonFiniteLoss(divergence_message(run, state.global_step, f"the loss became {metrics['loss']}"))
             if "grad_norm" in logs and logs["grad_norm"] is not None:
                 metrics["grad_norm"] = float(logs["grad_norm"])
-            if "num_tokens" in logs:
-                tokens = float(logs["num_tokens"])
-                elapsed = now - self.last_time
-                if elapsed > 0 and tokens >= self.last_tokens:
-                    metrics["tokens_per_second"] = (tokens - self.last_tokens) / elapsed
-                metrics["num_tokens"] = tokens
-                self.last_tokens = tokens
+            tokens = float(self.tokens)  # a GPU count is read after on_step_end's sync
+            elapsed = now - self.last_time
+            if elapsed > 0 and tokens > self.last_tokens:
+                metrics["tokens_per_second"] = (tokens - self.last_tokens) / elapsed
+            metrics["num_tokens"] = tokens
+            self.last_tokens = tokens
             self.last_time = now
             run.log_metrics({"step": state.global_step, **metrics})
             call_callbacks(callbacks, "on_step_end", run, state.global_step, metrics)

@@ -41,6 +41,63 @@ def test_run_writes_config_metrics_summary_and_adapter(trained_run):
     assert all(m["tokens_per_second"] > 0 for m in steps[1:])
 
 
+def test_tokens_are_counted_per_optimizer_step_without_padding(tmp_path, tiny_qwen_dir):
+    # One row eight times: every example has the same length, so each step (2 x 2 accumulated
+    # micro-batches) trains exactly 4 x that many tokens. Counted by qtune itself, since Unsloth's
+    # trainer logs no num_tokens.
+    data = write_jsonl(tmp_path / "data.jsonl", [ALPACA_ROWS[0]] * 8)
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"max_steps": 2, "gradient_accumulation_steps": 2})
+    result = run_cli("run", config, "--no-progress")
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    stats = json.loads((run_dir / "summary.json").read_text())["data"]
+    length = stats["tokens"] / stats["examples"]
+    steps = [m for m in read_metrics(run_dir) if "step" in m]
+    assert [m["num_tokens"] for m in steps] == [4 * length, 8 * length]
+    assert all(m["tokens_per_second"] > 0 for m in steps)
+
+
+def test_batch_tokens_leaves_padding_out():
+    import torch
+
+    from qtune.training import batch_tokens
+
+    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    assert batch_tokens(padded) == 8
+    padding_free = {"input_ids": torch.ones(1, 13, dtype=torch.long), "position_ids": torch.arange(13).unsqueeze(0)}
+    assert batch_tokens(padding_free) == 13
+    assert batch_tokens(None) == 0
+
+
+def test_bridge_counts_tokens_when_the_trainer_logs_none(tmp_path):
+    # Unsloth's SFTTrainer drops num_tokens from its logs (unsloth_zoo.logging_utils.REMOVED_METRICS):
+    # tokens/s must still reach metrics.jsonl and the progress bar.
+    import io
+    from types import SimpleNamespace
+
+    import torch
+    from rich.console import Console
+
+    from qtune.config import validate
+    from qtune.run import RunContext
+    from qtune.training import make_bridge
+
+    run = RunContext(config=validate({}), run_dir=tmp_path, console=Console(file=io.StringIO()))
+    bridge = make_bridge(run, [])
+    trainer = SimpleNamespace(training_step=lambda model, inputs, num_items=None: torch.tensor(2.0))
+    bridge.watch(trainer)
+    weight = torch.nn.Parameter(torch.ones(3))
+    state, control = SimpleNamespace(max_steps=1, global_step=0), SimpleNamespace(should_save=True)
+    bridge.on_train_begin(None, state, control, model=SimpleNamespace(parameters=lambda: [weight]))
+    for mask in ([[1, 1, 1, 0], [1, 1, 0, 0]], [[1, 1, 1, 1], [1, 0, 0, 0]]):  # two micro-batches
+        trainer.training_step(None, {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor(mask)}, 8)
+    state.global_step = 1
+    bridge.on_step_end(None, state, control)
+    bridge.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 1e-4})
+    [record] = read_metrics(tmp_path)
+    assert record["num_tokens"] == 10 and record["tokens_per_second"] > 0
+
+
 def test_loss_decreases(trained_run):
     run_dir, _ = trained_run
     losses = [m["loss"] for m in read_metrics(run_dir) if "step" in m]

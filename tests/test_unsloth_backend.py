@@ -162,8 +162,12 @@ def test_trains_and_saves_through_the_pipeline(tmp_path, tiny_qwen_dir):
     assert result["summary"]["steps"] == 3
 
     run_dir = Path(result["run_dir"])
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [m["loss"] for m in steps]
     assert len(losses) == 3 and all(loss == loss and loss < 1e4 for loss in losses)
+    # qtune's own token count (on the GPU, Unsloth drops trl's num_tokens from the logs)
+    tokens = [m["num_tokens"] for m in steps]
+    assert tokens == sorted(tokens) and tokens[0] > 0 and all(m["tokens_per_second"] > 0 for m in steps)
 
     adapter = run_dir / "adapter"
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
