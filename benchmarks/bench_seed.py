@@ -88,6 +88,8 @@ SETUPS = {
 #   m  (any)  count the Python functions run over 2 steps after the warm-up: $OUT/calls-<setup>.txt
 #   h  (any)  split the main thread's CPU time and page faults over the timed steps into the model's
 #             forward, the optimizer step and the rest (backward waits, data, callbacks, logging)
+#   r  (b, c) qtune with its trainer.train called plainly, not from call_with_frame_room's frame
+#   R  (a)    the notebook with trainer.train called from qtune.training.call_with_frame_room
 #   M  (any)  glibc malloc without its dynamic mmap threshold (MALLOC_MMAP_THRESHOLD_=32 MiB, the most
 #             glibc takes, MALLOC_TRIM_THRESHOLD_=1 GiB): host buffers up to 32 MiB are reused, not
 #             mapped, faulted in and unmapped again
@@ -97,7 +99,8 @@ FLAG_LABELS = {"u": "unsloth imported first", "n": "--no-progress", "g": "qtune'
                "f": "logging_nan_inf_filter=False", "t": "pre-tokenized data",
                "k": "SFTConfig gradient_checkpointing=True", "i": "SFTConfig logging_nan_inf_filter=True",
                "p": "profiled", "m": "Python calls counted", "q": "in qtune's process environment",
-               "M": "malloc thresholds fixed", "h": "main thread split by phase"}
+               "M": "malloc thresholds fixed", "h": "main thread split by phase",
+               "r": "no frame room", "R": "with qtune's frame room"}
 # Wraps qtune.training.sft_config for flags k and i (diagnostics: qtune itself is not changed).
 SFT_OVERRIDE = (
     "import qtune.training as _t; _f = _t.sft_config\n"
@@ -751,7 +754,12 @@ def worker_notebook(args: dict) -> dict:
         args=_sft_args(args["steps"], is_bfloat16_supported(), **args.get("sft_overrides", {})),
         callbacks=[hf_timer_callback(timer, losses)],
     )
-    trainer.train()
+    if args.get("frame_room"):  # flag R
+        from qtune.training import call_with_frame_room
+
+        call_with_frame_room(trainer.train)
+    else:
+        trainer.train()
     result = timer.result()
     result.update(losses=losses, padding_free=bool(getattr(trainer.args, "padding_free", False)), packing=bool(trainer.args.packing))
     return result
@@ -877,7 +885,7 @@ def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: P
     if key in ("a", "d", "w"):
         steps = opts.warmup_run_steps if key == "w" else opts.steps
         args = json.dumps({"model": str(model), "data": str(data), "steps": steps, "warmup": min(opts.warmup, steps - 1),
-                           "pretokenized": "t" in flags, "qtune_env": "q" in flags,
+                           "pretokenized": "t" in flags, "qtune_env": "q" in flags, "frame_room": "R" in flags,
                            "sft_overrides": {**(QTUNE_SFT_FLAGS if "g" in flags else {}),
                                              **({"logging_nan_inf_filter": False} if "f" in flags else {})}})
         cmd = [sys.executable, __file__, "_transformers" if key == "d" else "_notebook", args]
@@ -888,6 +896,8 @@ def _worker_job(setup: str, opts, env: dict, model: Path, data: Path, out_dir: P
                      **({"logging_nan_inf_filter": True} if "i" in flags else {}),
                      **({"logging_nan_inf_filter": False} if "f" in flags else {})}
         first = ("import unsloth; " if preimport else "") + (SFT_OVERRIDE.replace("OVERRIDES", repr(overrides)) if overrides else "")
+        if "r" in flags:
+            first += "import qtune.training as _t; _t.call_with_frame_room = lambda f, *a, **k: f(*a, **k)\n"
         cmd = [sys.executable, "-c", first + "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
         if "n" in flags:
             cmd.append("--no-progress")

@@ -76,6 +76,9 @@ def test_setup_names_become_the_right_commands(bench, tmp_path):
     assert json.loads(job("a")["cmd"][3])["qtune_env"] is False
     assert job("bh")["env"]["BENCH_PHASES"] == "1" and "BENCH_PHASES" not in job("b")["env"]
     assert job("bM")["env"]["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+    assert "_t.call_with_frame_room = lambda f, *a, **k: f(*a, **k)" in job("br")["cmd"][2]
+    assert "call_with_frame_room" not in job("b")["cmd"][2]
+    assert json.loads(job("aR")["cmd"][3])["frame_room"] is True
 
 
 def test_report_pools_repeats_and_checks_the_targets(bench, tmp_path, capsys):
