@@ -156,10 +156,11 @@ def call_with_frame_room(function, *args, **kwargs):
     CPython 3.11+ keeps Python frames in 16 KiB chunks; a call that does not fit in the current chunk
     maps a new one, and its return unmaps it (python/cpython#142183; 3.13 and 3.14 cache one chunk
     since March 2026, 3.12 does not). A training loop whose hot call chains cross a chunk boundary
-    pays an mmap, page faults and an munmap on every crossing, thousands of times per step. Where the
-    boundaries fall depends on how deep the caller's stack already is, so `qtune run` (CLI, pipeline)
-    and a notebook cell hit them at different places. A frame this large gets a chunk of its own with
-    room to spare: the stack memory is only reserved, and pages are touched as frames use them.
+    pays an mmap, page faults and an munmap on every crossing. Where the boundaries fall depends on
+    how deep the caller's stack already is, so `qtune run` (CLI, pipeline) and a notebook cell hit
+    them at different places: the suspected cause of the extra page faults in `qtune run`'s forward
+    passes on the GPU (docs/benchmarks.md). A frame this large gets a chunk of its own with room to
+    spare: the stack memory is only reserved, and pages are touched as frames use them.
     """
     return function(*args, **kwargs)
 
