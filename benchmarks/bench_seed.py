@@ -114,7 +114,7 @@ SFT_OVERRIDE = (
 
 def thread_counters() -> dict[str, dict]:
     """Each thread of this process, by thread id: its name, user and system CPU seconds, the seconds
-    it waited for a CPU (schedstat) and its involuntary context switches."""
+    it waited for a CPU (schedstat), its minor page faults and its involuntary context switches."""
     ticks = os.sysconf("SC_CLK_TCK")
     out = {}
     for tid in os.listdir("/proc/self/task"):
@@ -122,15 +122,14 @@ def thread_counters() -> dict[str, dict]:
         try:
             stat = (task / "stat").read_text()
             schedstat = (task / "schedstat").read_text().split()
-            status = (task / "status").read_text()
+            status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        switches = {k: int(v) for k, v in (line.split(":") for line in status.splitlines() if line.endswith(tuple("0123456789")) and "ctxt_switches" in line)}
         out[tid] = {"name": stat[stat.index("(") + 1 : stat.rindex(")")], "user_s": int(fields[11]) / ticks,
                     "sys_s": int(fields[12]) / ticks, "runq_wait_s": int(schedstat[1]) / 1e9,
                     "minor_faults": int(fields[7]),
-                    "involuntary": switches.get("nonvoluntary_ctxt_switches", 0)}
+                    "involuntary": int(status.get("nonvoluntary_ctxt_switches", "0"))}
     return out
 
 
@@ -216,9 +215,9 @@ def offload_state() -> dict:
 
 
 def python_arena_counters() -> dict:
-    """CPython's small-object allocator: arenas (1 MiB mmaps) allocated and given back so far. Objects
-    a forward pass keeps for its backward fill arenas; if the backward frees them all, the arena is
-    unmapped, and the next forward maps it again and faults its pages in."""
+    """CPython's small-object allocator: arenas (1 MiB mmaps) mapped and given back so far. Objects
+    made and freed every step in numbers that empty whole arenas show up as both growing: each arena
+    mapped again is faulted in again."""
     import tempfile
 
     sys.stderr.flush()
@@ -450,7 +449,6 @@ class StepTimer:
 
         model.register_forward_pre_hook(count, with_kwargs=True)
         self.phases = PhaseMeter() if os.environ.get("BENCH_PHASES") else None
-
         if self.phases is not None:
             self.phases.attach(model)
         import gc
