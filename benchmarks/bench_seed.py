@@ -112,6 +112,12 @@ SFT_OVERRIDE = (
 # --------------------------------------------------------------------------- timing, in each worker
 
 
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/.../stat line after the process name (which may hold spaces and ')'),
+    so that field 3 of proc(5) is index 0."""
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def thread_counters() -> dict[str, dict]:
     """Each thread of this process, by thread id: its name, user and system CPU seconds, the seconds
     it waited for a CPU (schedstat), its minor page faults and its involuntary context switches."""
@@ -125,7 +131,7 @@ def thread_counters() -> dict[str, dict]:
             status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = stat_fields(stat)
         out[tid] = {"name": stat[stat.index("(") + 1 : stat.rindex(")")], "user_s": int(fields[11]) / ticks,
                     "sys_s": int(fields[12]) / ticks, "runq_wait_s": int(schedstat[1]) / 1e9,
                     "minor_faults": int(fields[7]),
@@ -139,8 +145,7 @@ def host_counters() -> dict:
     started on the machine so far (a fork makes every page copy-on-write: the next write to each
     page faults)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    stat = Path("/proc/self/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = stat_fields(Path("/proc/self/stat").read_text())
     steal, forks = {}, 0
     try:
         for line in Path("/proc/stat").read_text().splitlines():
@@ -176,7 +181,6 @@ def counter_deltas(before: dict, now: dict) -> dict:
     cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
     steal = {c: round(now["host"]["steal_s"].get(c, 0.0) - before["host"]["steal_s"].get(c, 0.0), 2) for c in cpus}
     return {
-        "thread_cpu_s": {k: round(v["user_s"] + v["sys_s"], 3) for k, v in top.items()},
         "thread_counters": top,
         "minor_faults": now["host"]["minor_faults"] - before["host"]["minor_faults"],
         "major_faults": now["host"]["major_faults"] - before["host"]["major_faults"],
@@ -459,7 +463,7 @@ class StepTimer:
         self.start_reserved = torch.cuda.memory_reserved() / GIB if torch.cuda.is_available() else None
         self.extra["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
         self.host_us: list[float] = []
-        self.threads_at_warmup: dict | None = None
+        self.at_warmup: dict | None = None  # counters and states when the timed steps start
         self.extra["process_state"] = process_state()
         self.step_end(0)
 
@@ -470,9 +474,7 @@ class StepTimer:
             torch.cuda.synchronize()
         self.marks.append((step, time.perf_counter(), self.tokens, self.gc_seconds))
         if step == self.warmup:
-            self.threads_at_warmup = all_counters()
-            self.offload_at_warmup = offload_state()
-            self.huge_pages_at_warmup = huge_page_state()
+            self.at_warmup = {"counters": all_counters(), "offload": offload_state(), "huge_pages": huge_page_state()}
             if self.phases is not None:
                 self.phases.start()
         if self.phases is not None and self.phases.active:
@@ -537,15 +539,15 @@ class StepTimer:
                 step_tokens=[b[2] - a[2] for a, b in zip(marks[:-1], marks[1:], strict=True)],
             )
         out["host_dispatch_us"] = self.host_us
-        if self.threads_at_warmup is not None:
+        if self.at_warmup is not None:
             # Which threads used the CPU during the timed steps (a busy helper thread slows the host-bound
             # loop), how long they waited for a CPU, page faults, steal time and allocator events.
             now = all_counters()
             wall = marks[-1][1] - marks[0][1] if len(marks) >= 2 else 0.0
             out["timed_wall_s"] = round(wall, 3)
-            out.update(counter_deltas(self.threads_at_warmup, now))
-            out["offload_at_warmup"], out["offload"] = self.offload_at_warmup, offload_state()
-            out["huge_pages_at_warmup"], out["huge_pages"] = self.huge_pages_at_warmup, huge_page_state()
+            out.update(counter_deltas(self.at_warmup["counters"], now))
+            out["offload_at_warmup"], out["offload"] = self.at_warmup["offload"], offload_state()
+            out["huge_pages_at_warmup"], out["huge_pages"] = self.at_warmup["huge_pages"], huge_page_state()
             if self.phases is not None and self.phases.active:
                 # per timed step, on the main thread (the one that calls step_end)
                 out["main_thread_phases"] = self.phases.report(marks[-1][0] - marks[0][0])
