@@ -18,5 +18,5 @@ def first_line(error: BaseException) -> str:
 def describe(error: BaseException) -> str:
     """``TypeName: first line of the message``, or ``TypeName`` alone when there is no message: a
     plugin's exception named in a one-line error."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    name = type(error).__name__
+    return f"{name}: {first_line(error)}" if str(error).strip() else name
