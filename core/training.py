@@ -154,8 +154,8 @@ def call_with_frame_room(function, *args, **kwargs):
     stack (its ``co_stacksize`` is raised below), so every frame the call makes fits in one chunk.
 
     CPython 3.11+ keeps Python frames in 16 KiB chunks; a call that does not fit in the current chunk
-    maps a new one, and its return unmaps it (python/cpython#142183; 3.13 and 3.14 cache one chunk
-    since March 2026, 3.12 does not). A training loop whose hot call chains cross a chunk boundary
+    maps a new one, and its return unmaps it (python/cpython#142183: since March 2026 the main branch
+    and 3.13 cache one chunk; 3.12 does not). A training loop whose hot call chains cross a chunk boundary
     pays an mmap, page faults and an munmap on every crossing. Where the boundaries fall depends on
     how deep the caller's stack already is, so `qtune run` (CLI, pipeline) and a notebook cell hit
     them at different places: the suspected cause of the extra page faults in `qtune run`'s forward
