@@ -26,7 +26,8 @@ Usage
   Options: --setups a,b,c,d  --warmup 4  --steps 14  --budget-s 500 (start no setup after it)
            --setups a+b,a2+b2,a3+b3: each group's setups run at the same time, on halves of the CPUs
            that swap from one group to the next (the host's speed drifts; see docs/benchmarks.md);
-           with --shared they share all CPUs, unpinned
+           with --shared they share all CPUs, unpinned; with --turns they take turns, one optimizer
+           step each, so that each step has the GPU and the host to itself (class Turns)
            --deadline-s 575 (stop a running setup then; the device runs a command 600 s at most)
   w (an untimed notebook run) can go first so that every timed setup finds torch.compile's and
   Triton's caches warm; with 4 warm-up steps the first setup was within 3% without it.
@@ -110,6 +111,55 @@ SFT_OVERRIDE = (
 
 
 # --------------------------------------------------------------------------- timing, in each worker
+
+
+class Turns:
+    """Optimizer steps taken in turns by the setups of one group (--turns): a token goes round a ring of
+    FIFOs, and only the process holding it trains. Each step then has the GPU and the host to itself,
+    while the members still meet the same host conditions, a second apart: the host's speed drifts
+    over minutes, and two processes training at once on one GPU slow each other unevenly.
+
+    The run's parent writes the first token into the first member's FIFO (BENCH_TURN_IN) and keeps it
+    open; each member passes the token on to the next (BENCH_TURN_OUT) at every step's end, then waits
+    for it, until its last step (BENCH_TURN_LAST). A partner that dies ends the turns after
+    ``patience`` seconds: the member then trains on alone and says so in its result.
+    """
+
+    def __init__(self, mine: str, next_member: str, last_step: int, patience: float = 300.0) -> None:
+        # O_RDWR: opening a FIFO so never blocks for the other end, and the token outlives a closed writer
+        self.inbox = os.open(mine, os.O_RDWR)
+        self.outbox = os.open(next_member, os.O_RDWR)
+        self.last_step = last_step
+        self.patience = patience
+        self.holding = False
+        self.waited_s = 0.0
+        self.broken_at: int | None = None
+
+    def step_end(self, step: int) -> None:
+        """Pass the token on (if held) and, unless this was the last step, wait for it to come back."""
+        import select
+
+        if self.broken_at is not None:
+            return
+        if self.holding:
+            os.write(self.outbox, b"t")
+            self.holding = False
+        if step >= self.last_step:
+            return
+        started = time.perf_counter()
+        ready, _, _ = select.select([self.inbox], [], [], self.patience)
+        if ready:
+            os.read(self.inbox, 1)
+            self.holding = True
+        else:
+            self.broken_at = step
+        self.waited_s += time.perf_counter() - started
+
+    @classmethod
+    def from_env(cls) -> Turns | None:
+        if not os.environ.get("BENCH_TURN_IN"):
+            return None
+        return cls(os.environ["BENCH_TURN_IN"], os.environ["BENCH_TURN_OUT"], int(os.environ["BENCH_TURN_LAST"]))
 
 
 def stat_fields(stat: str) -> list[str]:
@@ -420,7 +470,8 @@ class StepTimer:
     A forward pre-hook on the trained model adds up the non-pad tokens of each micro-batch (the
     attention mask's sum; for padding-free or packed batches, which carry no mask, every token).
     ``step_end`` synchronizes the GPU and reads the clock, so a step's time runs from the end of the
-    previous step to the end of this one (data loading and logging included).
+    previous step to the end of this one (data loading and logging included). With --turns, the time
+    spent waiting for the other members' steps is left out.
     """
 
     def __init__(self, warmup: int) -> None:
@@ -431,6 +482,7 @@ class StepTimer:
         self.extra: dict = {}
         self.gc_seconds = 0.0
         self._gc_started = 0.0
+        self.turns = Turns.from_env()
 
     def _gc_callback(self, phase: str, info: dict) -> None:
         # Python's cyclic garbage collector pauses the (host-bound) training loop: time it.
@@ -472,7 +524,8 @@ class StepTimer:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.marks.append((step, time.perf_counter(), self.tokens, self.gc_seconds))
+        waited = self.turns.waited_s if self.turns else 0.0
+        self.marks.append((step, time.perf_counter() - waited, self.tokens, self.gc_seconds))
         if step == self.warmup:
             self.at_warmup = {"counters": all_counters(), "offload": offload_state(), "huge_pages": huge_page_state()}
             if self.phases is not None:
@@ -482,6 +535,8 @@ class StepTimer:
         self.host_us.append(round(host_dispatch_us(), 3))  # ~5 ms, charged to the next step alike in every setup
         self._profile(step)
         self._count_calls(step)
+        if self.turns is not None:
+            self.turns.step_end(step)
 
     def _count_calls(self, step: int) -> None:
         """Flag m: count the Python functions every thread runs over the 2 optimizer steps after the
@@ -539,6 +594,8 @@ class StepTimer:
                 step_tokens=[b[2] - a[2] for a, b in zip(marks[:-1], marks[1:], strict=True)],
             )
         out["host_dispatch_us"] = self.host_us
+        if self.turns is not None:
+            out["turns"] = {"waited_s": round(self.turns.waited_s, 2), "broken_at_step": self.turns.broken_at}
         if self.at_warmup is not None:
             # Which threads used the CPU during the timed steps (a busy helper thread slows the host-bound
             # loop), how long they waited for a CPU, page faults, steal time and allocator events.
@@ -951,6 +1008,24 @@ def _run_jobs(names: list[str], cmds: list[list[str]], envs: list[dict], timeout
     return outcomes
 
 
+def _pass_turns(members: list[str], jobs: list[dict], opts) -> int:
+    """Set up --turns for one group: a FIFO per member, each member's env naming its own and the next
+    one's, and the first token in the first member's FIFO. Returns the descriptor that keeps that token
+    alive (a FIFO's data goes when its last open end closes); close it when the group is done."""
+    fifos = []
+    for setup in members:
+        fifo = WORK / f"turn-{setup}"
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+        fifos.append(str(fifo))
+    for i, (setup, job) in enumerate(zip(members, jobs, strict=True)):
+        last = opts.warmup_run_steps if setup.startswith("w") else opts.steps
+        job["env"].update(BENCH_TURN_IN=fifos[i], BENCH_TURN_OUT=fifos[(i + 1) % len(fifos)], BENCH_TURN_LAST=str(last))
+    token = os.open(fifos[0], os.O_RDWR)
+    os.write(token, b"t")
+    return token
+
+
 def _qtune_config(path: Path, name: str, model: str, data: str, steps: int, profile: str) -> None:
     """The seed config (every other key at its default) pointed at the benchmark checkpoint and data."""
     training = {"max_steps": steps, "output_dir": str(WORK / "runs"), "profile": profile}
@@ -1051,20 +1126,29 @@ def run(opts) -> int:
         jobs = [_worker_job(setup, opts, env, model, data, out_dir) for setup in members]
         timeout = opts.deadline_s - (time.perf_counter() - t_start)
         sets = [cpus]
+        token = None
         if len(jobs) > 1:
             # Side by side: the setups of a group run at the same time, each pinned to its own share of
             # the CPUs, so they meet the same host conditions. The shares rotate from group to group:
             # list the members in the same order every time (a+b,a2+b2) and each setup uses each share.
             # --shared leaves them unpinned on all CPUs: each then meets every CPU's conditions alike.
-            sets = [None] * len(jobs) if opts.shared else cpu_shares(all_cpus, len(jobs), index)
+            # --turns leaves them unpinned too, and lets one train at a time, step by step (class Turns).
+            sets = [None] * len(jobs) if opts.shared or opts.turns else cpu_shares(all_cpus, len(jobs), index)
             for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
                 job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
-        outcomes = _run_jobs(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
+            if opts.turns:
+                token = _pass_turns(members, jobs, opts)
+        try:
+            outcomes = _run_jobs(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
+        finally:
+            if token is not None:
+                os.close(token)
         for setup, job, cpu_set, (rc, wall, output) in zip(members, jobs, sets, outcomes, strict=True):
             result = json.loads(job["result_file"].read_text()) if job["result_file"].is_file() else {}
             result.update(label=job["label"], rc=rc, wall_s=round(wall, 1))
             if len(jobs) > 1:
-                result.update(together_with=[m for m in members if m != setup], cpus=cpu_set)
+                result.update(together_with=[m for m in members if m != setup], cpus=cpu_set,
+                              together="in turns" if opts.turns else "at once")
             if rc != 0:
                 result["error_tail"] = "\n".join(output.splitlines()[-15:])
             report["results"][setup] = result
@@ -1096,6 +1180,17 @@ def _finish(report: dict, log: list[str], out_dir: Path) -> None:
             if "paired_ratio_to_a" in b:
                 checks[f"{name}/a median step-by-step speed ratio"] = round(b["paired_ratio_to_a"], 3)
             checks[f"|{name}-a| peak reserved <= 0.25 GiB"] = round(abs(b.get("peak_delta_vs_a_gib", 99)), 3)
+    # Every pair a+b, a2+b2, ... trains the same batches: pool their step-by-step ratios (with --turns,
+    # the two steps compared ran a second apart).
+    step_ratios, pairs = [], 0
+    for name, r in results.items():
+        a = results.get("a" + name[1:], {})
+        if name.rstrip("0123456789") == "b" and a.get("step_tokens") and r.get("step_tokens") == a["step_tokens"]:
+            step_ratios += [x / y for x, y in zip(a["step_s"], r["step_s"], strict=True)]
+            pairs += 1
+    if pairs > 1:
+        step_ratios.sort()
+        checks[f"b/a median step-by-step speed ratio, {pairs} pairs"] = round(step_ratios[len(step_ratios) // 2], 3)
     if "ratio_to_a" in c:
         checks["c/a tokens/s >= 6 (target 8)"] = round(c["ratio_to_a"], 2)
     # Repeats (a, a2, ... interleaved with b, b2, ...): the same setup moves by up to ~25% between
@@ -1160,6 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true", help="pin every one-at-a-time setup to one CPU per physical core")
     p.add_argument("--shared", action="store_true",
                    help="side-by-side setups share all CPUs (unpinned) instead of halves that swap")
+    p.add_argument("--turns", action="store_true",
+                   help="side-by-side setups train in turns, one optimizer step each, unpinned: each step has "
+                        "the GPU and the host to itself (waits are not timed)")
     p.add_argument("--keep", action="store_true", help="reuse the work folder and checkpoint of an earlier call on the same machine")
     opts = parser.parse_args(argv)
     if opts.command == "prepare":

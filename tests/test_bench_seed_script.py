@@ -88,8 +88,14 @@ def test_report_pools_repeats_and_checks_the_targets(bench, tmp_path, capsys):
 
     report = {"results": {"a": result(1000), "b": result(900), "a2": result(1200), "b2": result(1100),
                           "c": result(9000, 65.2), "w": result(500)}}
+    steps = {"a": [1.0, 1.0, 2.0], "b": [1.25, 1.0, 2.0], "a2": [3.0, 1.0, 1.0], "b2": [4.0, 1.0, 2.0]}
+    for name, step_s in steps.items():
+        report["results"][name].update(step_s=step_s, step_tokens=[10, 12, 9])
     bench._finish(report, [], tmp_path)
     checks = report["checks"]
+    # a/b per step, pooled over both pairs: 0.8, 1, 1, 0.75, 1, 0.5 -> median (upper) 1.0
+    assert checks["b/a median step-by-step speed ratio, 2 pairs"] == 1.0
+    assert checks["b/a median step-by-step speed ratio"] == 1.0
     assert checks["b/a tokens/s >= 0.97"] == 0.9
     assert checks["b/a tokens/s, means of 2 and 2 runs"] == round(1000 / 1100, 3)
     assert checks["c/a tokens/s >= 6 (target 8)"] == 9.0
@@ -168,3 +174,60 @@ def test_python_arena_counters_see_arenas_mapped_and_unmapped():
     assert proc.returncode == 0, proc.stderr
     delta = json.loads(proc.stdout.strip().splitlines()[-1])
     assert delta["allocated_total"] >= 3 and delta["reclaimed"] >= 3, delta
+
+
+TURN_MEMBER = """
+import os, sys, time, importlib.util
+spec = importlib.util.spec_from_file_location("bench_seed", {script!r})
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+turns = bench.Turns.from_env()
+name, log = sys.argv[1], sys.argv[2]
+turns.step_end(0)  # on_train_begin: wait for the first turn
+for step in range(1, int(os.environ["BENCH_TURN_LAST"]) + 1):
+    started = time.perf_counter()
+    time.sleep(0.05)  # the step's work
+    with open(log, "a") as handle:
+        handle.write(f"{{name}} {{step}} {{started}} {{time.perf_counter()}}\\n")
+    turns.step_end(step)
+print(round(turns.waited_s, 3), turns.broken_at)
+"""
+
+
+def test_turns_let_one_member_train_at_a_time_step_by_step(bench, tmp_path):
+    opts = SimpleNamespace(steps=5, warmup_run_steps=3)
+    members = ["a", "b"]
+    jobs = [{"env": dict(os.environ)} for _ in members]
+    log_file = tmp_path / "steps.txt"
+    code = TURN_MEMBER.format(script=str(SCRIPT))
+    token = bench._pass_turns(members, jobs, opts)
+    try:
+        outcomes = bench._run_jobs(members, [[sys.executable, "-c", code, m, str(log_file)] for m in members],
+                                   [j["env"] for j in jobs], 60, [], [None, None])
+    finally:
+        os.close(token)
+    assert [rc for rc, _, _ in outcomes] == [0, 0], outcomes
+    steps = [line.split() for line in log_file.read_text().splitlines()]
+    # strictly alternating, a first, and no two steps overlap in time
+    assert [(name, int(step)) for name, step, _, _ in steps] == [(m, s) for s in range(1, 6) for m in members]
+    spans = [(float(start), float(end)) for _, _, start, end in steps]
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans[:-1], spans[1:], strict=True))
+    # each member waited about as long as the other trained, and neither gave up
+    for _, _, output in outcomes:
+        waited, broken = output.split()
+        assert float(waited) >= 4 * 0.05 and broken == "None"
+
+
+def test_turns_end_when_the_partner_dies(bench, tmp_path):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    os.mkfifo(mine)
+    os.mkfifo(theirs)
+    turns = bench.Turns(str(mine), str(theirs), last_step=5, patience=0.2)
+    token = os.open(mine, os.O_RDWR)
+    os.write(token, b"t")
+    turns.step_end(0)
+    assert turns.holding and turns.broken_at is None
+    turns.step_end(1)  # passes the token on; nobody answers
+    assert turns.broken_at == 1 and not turns.holding and turns.waited_s >= 0.2
+    turns.step_end(2)  # then trains on alone, without waiting
+    assert turns.broken_at == 1
+    os.close(token)
