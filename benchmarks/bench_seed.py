@@ -1018,9 +1018,8 @@ def _pass_turns(members: list[str], jobs: list[dict], opts) -> int:
         fifo.unlink(missing_ok=True)
         os.mkfifo(fifo)
         fifos.append(str(fifo))
-    for i, (setup, job) in enumerate(zip(members, jobs, strict=True)):
-        last = opts.warmup_run_steps if setup.startswith("w") else opts.steps
-        job["env"].update(BENCH_TURN_IN=fifos[i], BENCH_TURN_OUT=fifos[(i + 1) % len(fifos)], BENCH_TURN_LAST=str(last))
+    for i, job in enumerate(jobs):
+        job["env"].update(BENCH_TURN_IN=fifos[i], BENCH_TURN_OUT=fifos[(i + 1) % len(fifos)], BENCH_TURN_LAST=str(opts.steps))
     token = os.open(fifos[0], os.O_RDWR)
     os.write(token, b"t")
     return token
@@ -1066,6 +1065,10 @@ def _pipeline_facts(gpu_total_gib: float | None) -> dict:
 
 def run(opts) -> int:
     t_start = time.perf_counter()
+    if opts.turns and any("+" in group and "w" in group for group in opts.setups.split(",")):
+        # w runs fewer steps: its partners would wait for a token that never comes back
+        print("error: --turns: the untimed run w cannot take turns; list it as a group of its own (w,a+b)", file=sys.stderr)
+        return 2
     out_dir = Path(opts.out or os.environ.get("OUT") or WORK / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
     if WORK.exists() and not opts.keep:

@@ -215,6 +215,9 @@ def test_turns_let_one_member_train_at_a_time_step_by_step(bench, tmp_path):
     for _, _, output in outcomes:
         waited, broken = output.split()
         assert float(waited) >= 4 * 0.05 and broken == "None"
+    refused = subprocess.run([sys.executable, str(SCRIPT), "run", "--turns", "--setups", "w+a,b"],
+                             capture_output=True, text=True, env=dict(os.environ, BENCH_WORK=str(tmp_path / "w")))
+    assert refused.returncode == 2 and "w cannot take turns" in refused.stderr and not (tmp_path / "w").exists()
 
 
 def test_turns_end_when_the_partner_dies(bench, tmp_path):
