@@ -1008,7 +1008,7 @@ def _run_jobs(names: list[str], cmds: list[list[str]], envs: list[dict], timeout
     return outcomes
 
 
-def _pass_turns(members: list[str], jobs: list[dict], opts) -> int:
+def _prepare_turns(members: list[str], jobs: list[dict], opts) -> int:
     """Set up --turns for one group: a FIFO per member, each member's env naming its own and the next
     one's, and the first token in the first member's FIFO. Returns the descriptor that keeps that token
     alive (a FIFO's data goes when its last open end closes); close it when the group is done."""
@@ -1140,7 +1140,7 @@ def run(opts) -> int:
             for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
                 job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
             if opts.turns:
-                token = _pass_turns(members, jobs, opts)
+                token = _prepare_turns(members, jobs, opts)
         try:
             outcomes = _run_jobs(members, [j["cmd"] for j in jobs], [j["env"] for j in jobs], timeout, log, sets)
         finally:
@@ -1161,17 +1161,27 @@ def run(opts) -> int:
     return 0
 
 
+def step_speed_ratios(base: dict, result: dict) -> list[float]:
+    """``result``'s speed over ``base``'s, step by step, when both trained the same batches in the same
+    order (seed 3407); empty otherwise. Their median is robust to a few slow steps (a recompilation,
+    a host hiccup)."""
+    if not base.get("step_tokens") or result.get("step_tokens") != base["step_tokens"]:
+        return []
+    return [a / b for a, b in zip(base["step_s"], result["step_s"], strict=True)]
+
+
+def upper_median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _finish(report: dict, log: list[str], out_dir: Path) -> None:
     results = report["results"]
     base = results.get("a", {})
     for r in results.values():
         if base.get("tokens_per_s") and r.get("tokens_per_s"):
             r["ratio_to_a"] = r["tokens_per_s"] / base["tokens_per_s"]
-        # The same batches in the same order (seed 3407): compare step by step, which is robust to a
-        # few slow steps (a recompilation, a host hiccup).
-        if base.get("step_tokens") and r.get("step_tokens") == base["step_tokens"]:
-            pairs = sorted(a / b for a, b in zip(base["step_s"], r["step_s"], strict=True))
-            r["paired_ratio_to_a"] = pairs[len(pairs) // 2]
+        if ratios := step_speed_ratios(base, r):
+            r["paired_ratio_to_a"] = upper_median(ratios)
         if base.get("peak_reserved_gib") is not None and r.get("peak_reserved_gib") is not None:
             r["peak_delta_vs_a_gib"] = r["peak_reserved_gib"] - base["peak_reserved_gib"]
     checks = {}
@@ -1185,15 +1195,12 @@ def _finish(report: dict, log: list[str], out_dir: Path) -> None:
             checks[f"|{name}-a| peak reserved <= 0.25 GiB"] = round(abs(b.get("peak_delta_vs_a_gib", 99)), 3)
     # Every pair a+b, a2+b2, ... trains the same batches: pool their step-by-step ratios (with --turns,
     # the two steps compared ran a second apart).
-    step_ratios, pairs = [], 0
-    for name, r in results.items():
-        a = results.get("a" + name[1:], {})
-        if name.rstrip("0123456789") == "b" and a.get("step_tokens") and r.get("step_tokens") == a["step_tokens"]:
-            step_ratios += [x / y for x, y in zip(a["step_s"], r["step_s"], strict=True)]
-            pairs += 1
-    if pairs > 1:
-        step_ratios.sort()
-        checks[f"b/a median step-by-step speed ratio, {pairs} pairs"] = round(step_ratios[len(step_ratios) // 2], 3)
+    per_pair = [step_speed_ratios(results.get("a" + name[1:], {}), r)
+                for name, r in results.items() if name.rstrip("0123456789") == "b"]
+    per_pair = [ratios for ratios in per_pair if ratios]
+    if len(per_pair) > 1:
+        checks[f"b/a median step-by-step speed ratio, {len(per_pair)} pairs"] = round(
+            upper_median([x for ratios in per_pair for x in ratios]), 3)
     if "ratio_to_a" in c:
         checks["c/a tokens/s >= 6 (target 8)"] = round(c["ratio_to_a"], 2)
     # Repeats (a, a2, ... interleaved with b, b2, ...): the same setup moves by up to ~25% between

@@ -199,7 +199,7 @@ def test_turns_let_one_member_train_at_a_time_step_by_step(bench, tmp_path):
     jobs = [{"env": dict(os.environ)} for _ in members]
     log_file = tmp_path / "steps.txt"
     code = TURN_MEMBER.format(script=str(SCRIPT))
-    token = bench._pass_turns(members, jobs, opts)
+    token = bench._prepare_turns(members, jobs, opts)
     try:
         outcomes = bench._run_jobs(members, [[sys.executable, "-c", code, m, str(log_file)] for m in members],
                                    [j["env"] for j in jobs], 60, [], [None, None])
