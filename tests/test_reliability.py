@@ -249,7 +249,7 @@ def poisoned_model_dir(tmp_path_factory, qwen_tokenizer_dir):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from qtune import assets
+    import assets
 
     dest = assets.tiny_qwen2(tmp_path_factory.mktemp("models") / "poisoned", qwen_tokenizer_dir, tie_word_embeddings=False)
     weights = load_file(str(dest / "model.safetensors"))
