@@ -10,7 +10,7 @@ One script, one GPU call (~1.5 minutes on an H100 with the default 1.5B shape: 5
    qtune's generated demo tasks, writing an ordinary run directory;
 3. ``qtune.export.export_run(run, FORMAT, verify=True)`` exports merged-4bit and merged-16bit.
    merged-4bit is verified against what the run trained, the NF4 base + adapter (the same
-   BitsAndBytesConfig rebuilt; ``qtune.verify.training_quantization``); merged-16bit against the
+   BitsAndBytesConfig rebuilt; ``qtune.quantization.training_quantization``); merged-16bit against the
    float32 base + adapter;
 4. a control row compares the NF4 base *without* the adapter with the same NF4 reference: a merge
    that lost the adapter would score like it, so the verdicts above only mean something when the
@@ -241,8 +241,9 @@ def control_row(run, quantization) -> dict:
     """The quantized base without the adapter against the same reference and bounds as merged-4bit."""
     from transformers import AutoModelForCausalLM
 
-    from qtune.merge import nf4_config
-    from qtune.verify import compare, disable_bnb_cpu_repacking, hf_logits, reference_outputs, thresholds_for
+    from qtune.plugins.hf_exports import BOUNDS
+    from qtune.quantization import disable_bnb_cpu_repacking, nf4_config
+    from qtune.verify import compare, hf_logits, reference_outputs
 
     _empty_cache()
     started = time.perf_counter()
@@ -262,7 +263,7 @@ def control_row(run, quantization) -> dict:
     tokens = sum(r.tokens for r in results)
     top1 = sum(r.top1 * r.tokens for r in results) / tokens
     top5 = sum(r.top5 * r.tokens for r in results) / tokens
-    minimums = thresholds_for("merged-4bit", "nf4", "nf4-base" if quantization else None) or (None, None)
+    minimums = BOUNDS["merged-4bit/nf4-base" if quantization else "merged-4bit"]
     passes = (minimums[0] is None or top1 >= minimums[0]) and (minimums[1] is None or top5 >= minimums[1])
     seconds = round(time.perf_counter() - started, 1)
     return {"format": "control: base, no adapter", "wall_s": seconds, "verify_seconds": seconds, **_peaks(),
@@ -303,8 +304,8 @@ def run(args: argparse.Namespace) -> None:
     import trl
 
     import qtune
+    from qtune.quantization import training_quantization
     from qtune.run import FinishedRun
-    from qtune.verify import training_quantization
 
     info: dict = {"device": _device(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                   "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__, "qtune_from": str(Path(qtune.__file__).parent)}

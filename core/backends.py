@@ -1,13 +1,18 @@
-"""Choosing the model backend for a config."""
+"""Choosing the model backend for a config, and what this machine offers it (GPUs, memory, packages)."""
 
 from __future__ import annotations
 
-from .config import Config
+from typing import TYPE_CHECKING, Any
+
 from .errors import QtuneError
-from .types import Backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
 
 
-def choose_backend(config: Config) -> Backend:
+def choose_backend(config: Config) -> Any:
+    """The registered :class:`qtune.types.Backend` that runs ``config`` here (typed loosely: this module
+    sits below types.py, which names the run objects that reach back here)."""
     from .plugin_manager import get_host
 
     backends = get_host().backends
@@ -17,10 +22,11 @@ def choose_backend(config: Config) -> Backend:
         if reason:
             raise QtuneError(f"backend {backend.name!r} cannot run here: {reason}; set model.backend: auto or install what it needs")
         return backend
-    # auto: Unsloth where it can run (CUDA GPU and unsloth installed), transformers otherwise
-    for name in ("unsloth", "transformers"):
-        if name in backends and backends.get(name).unavailable_reason(config) is None:
-            return backends.get(name)
+    # auto: the available backend with the highest auto_priority (built in: unsloth, then transformers)
+    ranked = sorted((backends.get(name) for name in backends), key=lambda b: -b.auto_priority)
+    for backend in ranked:
+        if backend.auto_priority > 0 and backend.unavailable_reason(config) is None:
+            return backend
     raise QtuneError("no model backend can run here; install torch and transformers (pip install qtune)")
 
 
@@ -66,3 +72,27 @@ def cuda_total_memory_gib(device: int = 0) -> float | None:
     if driver.cuDeviceTotalMem_v2(ctypes.byref(total), handle) != 0:
         return None
     return total.value / 1024**3
+
+
+def missing_modules(*modules: str) -> str | None:
+    """``"X is not installed"`` for the first of ``modules`` that cannot be imported, else None
+    (found without importing anything): what ``unavailable_reason`` methods report."""
+    import importlib.util
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
+
+
+def current_memory_gib() -> float:
+    """GPU memory reserved by torch now, or the process's resident memory without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_reserved() / 1024**3
+    import resource
+
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 1024**3

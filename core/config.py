@@ -254,7 +254,7 @@ def _fields_at(loc: list[str]) -> list[str]:
 
 def check_plugin_names(config: Config) -> None:
     """Refuse names no loaded plugin provides (template, loader, backend, callbacks, exports)."""
-    from .plugin_manager import get_host, suggest
+    from .plugin_manager import get_host, normalize_format, suggest
 
     host = get_host()
     checks = [("template", config.template, host.templates)]
@@ -266,13 +266,11 @@ def check_plugin_names(config: Config) -> None:
     for path, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"unknown {registry.kind} {name!r} at {path!r}{suggest(name, registry.items)}")
-    from .export import normalize_format, normalize_quant
-
     for i, entry in enumerate(config.exports):
         name = normalize_format(entry.format)  # the seed's "merged_16bit" and "Q4_K_M" are accepted
         if name not in host.exporters:
             raise ConfigError(f"unknown export format {entry.format!r} at 'exports[{i}].format'{suggest(name, host.exporters.items)}")
         try:
-            normalize_quant(host.exporters.get(name), entry.quant)
+            host.exporters.get(name).resolve_quantization(entry.quant)
         except QtuneError as error:
             raise ConfigError(f"{error} (at 'exports[{i}].quant')") from None

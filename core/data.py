@@ -36,8 +36,12 @@ def pick_loader(config: Config):
 def read_rows(config: Config, template: PromptTemplate):
     """The dataset's rows as loaded, renamed to the template's field names, each with its index in
     :data:`ROW_COLUMN`. Refuses a missing split, no rows, and missing columns."""
+    from .plugin_manager import get_host
+
     spec = config.dataset
-    rows = pick_loader(config).load(spec)
+    loader = pick_loader(config)
+    with get_host().guard_item(get_host().dataset_loaders, loader.name, f"loading the dataset with loader {loader.name!r}"):
+        rows = loader.load(spec)
     if hasattr(rows, "keys") and not hasattr(rows, "column_names"):  # a DatasetDict: take the split
         if spec.split not in rows:
             raise QtuneError(f"dataset has no split {spec.split!r}; choose one of: {', '.join(rows)}")

@@ -8,7 +8,6 @@ runtime, and recorded in ``RUN_DIR/exports/exports.json`` and under ``exports`` 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import QtuneError
 from .fsutil import atomic_file, read_json_dict
 from .types import Exporter, ExportResult
+from .verify import VerifyReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ExportEntry
@@ -28,13 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 EXPORTS_RECORD = "exports.json"
 
 
-def normalize_format(name: str) -> str:
-    """Format names are case-insensitive and ``_`` equals ``-`` (the seed's ``merged_16bit``)."""
-    return name.strip().lower().replace("_", "-")
-
-
 def get_exporter(fmt: str) -> Exporter:
-    from .plugin_manager import get_host
+    from .plugin_manager import get_host, normalize_format
 
     exporters = get_host().exporters
     name = normalize_format(fmt)
@@ -47,25 +42,6 @@ def get_exporter(fmt: str) -> Exporter:
     return exporter
 
 
-def normalize_quant(exporter: Exporter, quant: str | None) -> str | None:
-    """The exporter's spelling of ``quant`` (aliases and case allowed), its default when None."""
-    if quant is None:
-        return exporter.default_quantization
-    if not exporter.quantizations:
-        raise QtuneError(f"export format {exporter.name!r} takes no --quant; leave it out")
-    aliases = {k.lower(): v for k, v in getattr(exporter, "quantization_aliases", {}).items()}
-    key = quant.strip().lower()
-    key = aliases.get(key, key)
-    if key not in exporter.quantizations:
-        for known in exporter.quantizations:
-            if known.lower() == key:
-                return known
-        raise QtuneError(
-            f"export format {exporter.name!r} has no quantization {quant!r}; choose one of: {', '.join(exporter.quantizations)}"
-        )
-    return key
-
-
 def default_out_dir(run: FinishedRun, exporter: Exporter, quant: str | None) -> Path:
     return run.exports_dir / (exporter.name if quant is None else f"{exporter.name}-{quant}")
 
@@ -75,15 +51,13 @@ def _supports_verify(exporter: Exporter) -> bool:
 
 
 def _export_options(exporter: Exporter, options: dict[str, Any]) -> dict[str, Any]:
-    """The options given (not None), refused with the flag's name when the exporter does not take one."""
+    """The options given (not None); one not in ``exporter.options`` is refused with its flag's name."""
     options = {k: v for k, v in options.items() if v is not None}
-    if options:
-        parameters = inspect.signature(exporter.export).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        refused = [k for k in options if not takes_any and k not in parameters]
-        if refused:
-            flags = ", ".join("--" + k.replace("_", "-") for k in refused)
-            raise QtuneError(f"export format {exporter.name!r} does not take {flags}; leave it out")
+    refused = [k for k in options if k not in exporter.options]
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        takes = f"; it takes: {', '.join(sorted(exporter.options))}" if exporter.options else ""
+        raise QtuneError(f"export format {exporter.name!r} does not take {flags}{takes}; leave it out")
     return options
 
 
@@ -100,16 +74,21 @@ def export_run(
 ) -> ExportResult:
     """Export ``run`` in format ``fmt`` and return the result (``details`` holds timings, size, verify).
 
-    ``options`` go to exporters whose ``export`` accepts them (built-ins: ``llama_cpp_dir`` for gguf,
-    ``max_shard_size`` for merged-16bit). ``overwrite`` replaces an existing output folder, which is
-    kept until the new export has been written. Raises :class:`QtuneError` when verification fails
-    (after recording the report).
+    ``options`` go to the exporter when it declares them in ``Exporter.options`` (built-ins:
+    ``llama_cpp_dir`` for gguf, ``max_shard_size`` for merged-16bit). ``overwrite`` replaces an
+    existing output folder, which is kept until the new export has been written. Raises
+    :class:`QtuneError` when verification fails (after recording the report), and one naming the
+    plugin when its code fails.
     """
     from rich.console import Console
 
+    from .plugin_manager import get_host
+
     console = console or Console(stderr=True, highlight=False)
     exporter = get_exporter(fmt)
-    quant = normalize_quant(exporter, quant)
+    host = get_host()
+    plugin = host.exporters.owners.get(exporter.name, "?")
+    quant = exporter.resolve_quantization(quant)
     options = _export_options(exporter, options)
     out_dir = Path(out).expanduser() if out is not None else default_out_dir(run, exporter, quant)
     label = exporter.name + (f" ({quant})" if quant else "")
@@ -121,8 +100,11 @@ def export_run(
         os.replace(out_dir, backup)
     started = time.perf_counter()
     try:
-        with console.status(f"exporting {label} to {out_dir} ..."):
+        with console.status(f"exporting {label} to {out_dir} ..."), host.guard(plugin, f"exporting {exporter.name}"):
             result = exporter.export(run, out_dir, quant, **options)
+        if not isinstance(result, ExportResult):
+            raise QtuneError(f"{host.plugin_label(plugin)} returned {type(result).__name__} from export(); "
+                             f"it must return a qtune.api.ExportResult")
     except BaseException:
         if backup is not None and not out_dir.exists():
             os.replace(backup, out_dir)
@@ -130,7 +112,8 @@ def export_run(
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     if not Path(result.path).exists():
-        raise QtuneError(f"exporter {exporter.name!r} reported {str(result.path)!r}, which does not exist; the plugin is broken")
+        raise QtuneError(f"{host.plugin_label(plugin)} reported {str(result.path)!r} from export(), which does not exist; "
+                         f"fix the plugin")
     if not result.files:
         result.files = sorted(p for p in Path(result.path).rglob("*") if p.is_file()) if Path(result.path).is_dir() else [Path(result.path)]
     result.details.setdefault("quant", quant)
@@ -143,17 +126,18 @@ def export_run(
     report = None
     if verify:
         if _supports_verify(exporter):
-            with console.status(f"verifying {label} ..."):
+            with console.status(f"verifying {label} ..."), host.guard(plugin, f"verifying {exporter.name}"):
                 report = exporter.verify(run, result)
-            if report is not None:
-                if hasattr(report, "table"):
-                    console.print(report.table())
-                result.details["verify"] = report.to_dict() if hasattr(report, "to_dict") else report
+            if not isinstance(report, VerifyReport):
+                raise QtuneError(f"{host.plugin_label(plugin)} returned {type(report).__name__} from verify(); it must return "
+                                 f"a qtune.api.VerifyReport (or leave verify out); the export is in {str(result.path)!r}")
+            console.print(report.table())
+            result.details["verify"] = report.to_dict()
         else:
             result.details["verify"] = None
             console.print(f"[dim]format {exporter.name!r} has no verification; skipped[/]")
     record_export(run, result)
-    if report is not None and hasattr(report, "raise_if_failed"):
+    if report is not None:
         report.raise_if_failed(result.path)
     return result
 
@@ -200,7 +184,7 @@ def run_exports(run: FinishedRun, entries: Iterable[ExportEntry], console: Any =
     for index, entry in enumerate(entries):
         try:
             exporter = get_exporter(entry.format)
-            plan.append((exporter, normalize_quant(exporter, entry.quant), entry.verify))
+            plan.append((exporter, exporter.resolve_quantization(entry.quant), entry.verify))
         except QtuneError as error:
             raise QtuneError(f"exports[{index}]: {error}") from None
     records: dict[str, Any] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .backends import choose_backend
 from .config import Config
-from .errors import QtuneError, describe, first_line
+from .errors import QtuneError, first_line
 from .fsutil import atomic_dir, atomic_file, read_json_dict
 from .plugin_manager import get_host
 from .run import ADAPTER_DIR, RunContext
@@ -66,11 +66,9 @@ def make_callbacks(config: Config, extra: list[TrainingCallback]) -> list[Traini
             raise QtuneError(f"callbacks[{index}] ({entry.name}): bad options: {exc}") from None
         except QtuneError:
             raise
-        except Exception as exc:  # a plugin's constructor failing
-            raise QtuneError(
-                f"callbacks[{index}] ({entry.name}, from {registry.owners.get(entry.name, '?')}) failed to start: "
-                f"{describe(exc)}; fix the plugin or remove it from `callbacks`"
-            ) from None
+        except Exception:  # a plugin's constructor failing
+            with get_host().guard_item(registry, entry.name, f"starting callback {entry.name!r} (callbacks[{index}])"):
+                raise
     return callbacks
 
 
@@ -131,15 +129,9 @@ def _prepare_resume(run_dir: Path, checkpoint: Path) -> float:
 
 def _tokens_before_model(backend: Backend) -> bool:
     """Whether preflight may load the tokenizer (and so import transformers) before the backend
-    loads the model. A backend that patches transformers must be imported first: it may offer
-    ``import_first()``; without it, its own tokenizer is checked right after the model loads."""
-    if not getattr(backend, "patches_trainer", False):
-        return True
-    import_first = getattr(backend, "import_first", None)
-    if callable(import_first):
-        import_first()
-        return True
-    return False
+    loads the model. A backend that patches transformers must be imported first: ``import_first()``
+    does that where it can; otherwise its own tokenizer is checked right after the model loads."""
+    return not backend.patches_trainer or backend.import_first()
 
 
 def _print_new_findings(report, console, start: int) -> int:
@@ -163,7 +155,8 @@ def load_model(backend: Backend, config: Config, model_path: str):
     except Exception as exc:
         if is_out_of_memory(exc):
             raise out_of_memory_error(exc, config, "loading the model") from None
-        raise
+        with get_host().guard_item(get_host().backends, backend.name, f"loading the model with backend {backend.name!r}"):
+            raise
 
 
 def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None = None, resume: Path | None = None) -> RunContext:
@@ -253,7 +246,7 @@ def _apply_profile(config: Config, backend, console) -> Config:
     from .backends import cuda_total_memory_gib
     from .profiles import apply_profile, profile_changes
 
-    applied = apply_profile(config, cuda_total_memory_gib(), backend=backend.name)
+    applied = apply_profile(config, cuda_total_memory_gib(), kernels=backend.memory_traits)
     changes = profile_changes(config, applied)
     console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
     return applied
@@ -271,9 +264,10 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
         model, tokenizer = load_model(backend, config, ctx.model_path)
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.device = str(getattr(model, "device", "cpu"))
-    from .verify import describe_quantization
+    from .quantization import describe_quantization
 
-    # what the base was trained as: merged-4bit exports are verified against the same 4-bit base
+    # what the base was trained as, and where: exports are verified against the same base
+    ctx.summary["device"] = ctx.device
     ctx.summary["quantization"] = describe_quantization(model)
     ensure_distinct_pad(tokenizer)  # as preflight did (and said) on its tokenizer
     if same_tokenizer(tokenizer, report.tokenizer):
@@ -294,6 +288,9 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
         model = backend.add_lora(model, config)
     except ValueError as exc:  # peft: target modules not found in the model
         raise QtuneError(f"lora.target_modules do not fit this model: {first_line(exc)}") from None
+    except Exception:
+        with get_host().guard_item(get_host().backends, backend.name, f"adding LoRA with backend {backend.name!r}"):
+            raise
     ctx.model = model
 
     from .training import train

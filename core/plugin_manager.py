@@ -10,6 +10,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -23,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from . import hookspecs
-from .errors import QtuneError
+from .errors import QtuneError, describe
 
 # Built-in features are plugins too, registered through the same hooks as third-party ones.
 BUILTIN_PLUGINS = (
@@ -35,7 +36,8 @@ BUILTIN_PLUGINS = (
     "qtune.plugins.unsloth_backend",
     "qtune.plugins.memory_monitor",
     "qtune.plugins.progress",
-    "qtune.plugins.exporters",
+    "qtune.plugins.hf_exports",
+    "qtune.plugins.gguf_export",
 )
 
 T = TypeVar("T")
@@ -72,6 +74,11 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self.items))
+
+
+def normalize_format(name: str) -> str:
+    """Export format names are case-insensitive and ``_`` equals ``-`` (the seed's ``merged_16bit``)."""
+    return name.strip().lower().replace("_", "-")
 
 
 def suggest(name: str, choices: Any) -> str:
@@ -122,15 +129,10 @@ class PluginHost:
                 continue
             if self.pm.has_plugin(ep.name):
                 continue
-            try:
-                module = ep.load()
-            except Exception as exc:  # any failure while importing third-party code
-                raise QtuneError(
-                    f"plugin {ep.name!r} (distribution {dist}) failed to load: {type(exc).__name__}: {exc}; "
-                    f"fix it, `pip uninstall {dist}`, or leave it out with QTUNE_LOAD_PLUGINS"
-                ) from exc
-            self.pm.register(module, name=ep.name)
             self.distributions[ep.name] = (dist, ep.dist.version if ep.dist else "")
+            with self.guard(ep.name, "loading"):  # any failure while importing third-party code
+                module = ep.load()
+            self.pm.register(module, name=ep.name)
 
     def _load_directory(self, folder: Path) -> None:
         if not folder.is_dir():
@@ -142,14 +144,13 @@ class PluginHost:
             module = importlib.util.module_from_spec(spec)
             # Never leave a __pycache__ behind in the user's plugin folder.
             writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+            self.distributions[str(path)] = ("(plugin dir)", "")
             try:
-                spec.loader.exec_module(module)
-            except Exception as exc:
-                raise QtuneError(f"plugin file {str(path)!r} failed to load: {type(exc).__name__}: {exc}") from exc
+                with self.guard(str(path), "loading"):
+                    spec.loader.exec_module(module)
             finally:
                 sys.dont_write_bytecode = writes_bytecode
             self.pm.register(module, name=str(path))
-            self.distributions[str(path)] = ("(plugin dir)", "")
 
     def _collect(self, kind: str, hook_name: str) -> Registry:
         registry: Registry = Registry(kind)
@@ -157,12 +158,8 @@ class PluginHost:
         # Call each implementation on its own so the registry knows which plugin registered what.
         for impl in caller.get_hookimpls():  # registration order: built-ins first
             before = set(registry.items)
-            try:
+            with self.guard(impl.plugin_name, hook_name):
                 impl.function(register=lambda item, _p=impl.plugin_name: registry.add(item, _p))
-            except QtuneError:
-                raise
-            except Exception as exc:
-                raise QtuneError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
             if self.trace:
                 added = sorted(set(registry.items) - before)
                 print(f"qtune: {impl.plugin_name}.{hook_name}(register) -> {', '.join(added) or 'nothing'}", file=sys.stderr)
@@ -171,13 +168,34 @@ class PluginHost:
     def add_commands(self, cli: Any) -> None:
         """Let each plugin add its commands to the click group, naming the plugin if it fails."""
         for impl in self.pm.hook.register_commands.get_hookimpls():
-            try:
+            with self.guard(impl.plugin_name, "register_commands"):
                 impl.function(cli=cli)
-            except Exception as exc:
-                raise QtuneError(
-                    f"plugin {impl.plugin_name!r} failed in register_commands: {type(exc).__name__}: {exc}; "
-                    f"fix it, uninstall it, or leave it out with QTUNE_LOAD_PLUGINS"
-                ) from exc
+
+    def plugin_label(self, plugin: str) -> str:
+        """``plugin NAME (distribution DIST VERSION)``: how one-line errors name a plugin."""
+        dist, version = self.distributions.get(plugin, ("qtune, built in", _qtune_version()))
+        return f"plugin {plugin!r} (distribution {dist}{' ' + version if version else ''})"
+
+    def guard_item(self, registry: Registry, name: str, doing: str):
+        """:meth:`guard` for the plugin that registered ``name`` in ``registry``."""
+        return self.guard(registry.owners.get(name, "?"), doing)
+
+    @contextlib.contextmanager
+    def guard(self, plugin: str, doing: str) -> Iterator[None]:
+        """Turn an exception escaping a plugin's code into one QtuneError line naming the plugin and its
+        distribution (the original stays attached as the cause: ``--debug`` prints its traceback).
+        A QtuneError passes unchanged: it is the plugin's own message to the user."""
+        try:
+            yield
+        except QtuneError:
+            raise
+        except Exception as exc:
+            dist = self.distributions.get(plugin, ("",))[0]
+            remedy = f"`pip uninstall {dist}`, " if dist and not dist.startswith("(") else ""
+            raise QtuneError(
+                f"{self.plugin_label(plugin)} failed in {doing}: {describe(exc)}; fix the plugin, "
+                f"{remedy}or leave it out with QTUNE_LOAD_PLUGINS (--debug shows the traceback)"
+            ) from exc
 
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per plugin: name, distribution, version, hooks it implements."""

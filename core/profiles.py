@@ -133,13 +133,29 @@ LORA_BYTES_PER_PARAM = 10
 #: Qwen2.5-7B with checkpointing off grew 3.55 MiB per micro-batch token (8 -> 16 packed rows of 2048);
 #: these constants give 3.58.
 LAYER_VALUES_PER_TOKEN = (3.5, 2.8)  # (x hidden, x intermediate)
-#: bytes of logits per token: Unsloth's chunked cross-entropy keeps a slice of the fp32 logits
-#: (about vocab x 0.5 bytes a token); transformers materialises bf16 logits and an fp32 copy (x 6)
-LOGIT_BYTES_PER_VOCAB = {"unsloth": 0.5, "transformers": 6.0}
-#: plain transformers (no fused kernels) keeps more per layer than Unsloth
-LAYER_FACTOR = {"unsloth": 1.0, "transformers": 1.5}
 #: CUDA context, cuBLAS workspaces and allocator slack, GiB
 FIXED_OVERHEAD_GIB = 0.5
+
+
+@dataclass(frozen=True)
+class MemoryTraits:
+    """How a backend's kernels spend memory per token; each :class:`qtune.api.Backend` declares its own
+    (``memory_traits``) and the estimate below reads them."""
+
+    #: bytes of logits kept per token and vocabulary entry: a chunked fused cross-entropy keeps a
+    #: slice of the fp32 logits (about 0.5); plain transformers materialises bf16 logits and an fp32
+    #: copy (6)
+    logit_bytes_per_vocab: float = 6.0
+    #: activations one layer keeps, relative to fused kernels (plain transformers keeps ~1.5x)
+    layer_factor: float = 1.5
+    #: whether gradient checkpointing "unsloth" offloads each layer's input to host memory
+    offloads_checkpoints: bool = False
+
+
+#: Unsloth's fused kernels, as measured on an H200 (FACTS.md): what the seed notebook runs on
+FUSED_KERNELS = MemoryTraits(logit_bytes_per_vocab=0.5, layer_factor=1.0, offloads_checkpoints=True)
+#: transformers + peft without fused kernels (also the cautious default for any other backend)
+PLAIN_KERNELS = MemoryTraits()
 
 
 def estimate_memory_gib(
@@ -149,7 +165,7 @@ def estimate_memory_gib(
     lora_r: int = 16,
     target_modules: Optional[list[str]] = None,
     load_in_4bit: bool = True,
-    backend: str = "unsloth",
+    kernels: MemoryTraits = FUSED_KERNELS,
 ) -> float:
     """Peak GPU memory (GiB) to fine-tune ``shape`` with LoRA on micro-batches of ``tokens_per_microbatch``.
 
@@ -164,6 +180,9 @@ def estimate_memory_gib(
                            checkpointing True:      one layer + every layer's 16-bit input
                            checkpointing off:       every layer's worth
         logits           per token, vocab x 0.5 bytes (Unsloth's chunked loss; x 6 without it)
+
+    ``kernels`` are the backend's :class:`MemoryTraits` (the layer terms x ``layer_factor``, the
+    logits x ``logit_bytes_per_vocab``; offloaded checkpointing only where ``offloads_checkpoints``).
         overhead         0.5 GiB, and 5% of the total for allocator fragmentation
 
     Checked against FACTS.md (Qwen2.5-7B, H200, peak reserved): 6.45 GiB for the seed's 2 x
@@ -174,14 +193,14 @@ def estimate_memory_gib(
     weights = linear * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0) + shape.embedding_params * 2.0
     lora = shape.lora_params(lora_r, target_modules) * LORA_BYTES_PER_PARAM
     a_hidden, a_inter = LAYER_VALUES_PER_TOKEN
-    layer = 2.0 * (a_hidden * shape.hidden + a_inter * shape.intermediate) * LAYER_FACTOR.get(backend, 1.5)
+    layer = 2.0 * (a_hidden * shape.hidden + a_inter * shape.intermediate) * kernels.layer_factor
     if gradient_checkpointing is False:
         per_token = shape.layers * layer
-    elif gradient_checkpointing == "unsloth" and backend == "unsloth":
+    elif gradient_checkpointing == "unsloth" and kernels.offloads_checkpoints:
         per_token = layer
     else:
         per_token = layer + shape.layers * shape.hidden * 2.0
-    per_token += shape.vocab * LOGIT_BYTES_PER_VOCAB.get(backend, 6.0)
+    per_token += shape.vocab * kernels.logit_bytes_per_vocab
     total = weights + lora + tokens_per_microbatch * per_token
     return round((total / GIB + FIXED_OVERHEAD_GIB) * 1.05, 2)
 
@@ -240,15 +259,15 @@ def apply_profile(
     config: Config,
     gpu_total_gib: Optional[float],
     shape: Optional[ModelShape] = None,
-    backend: str = "unsloth",
+    kernels: MemoryTraits = FUSED_KERNELS,
 ) -> Config:
     """Return a copy of ``config`` with ``config.training.profile`` applied (see the module doc).
 
     ``gpu_total_gib`` is the card's memory (None on CPU: the fast profile then packs and sizes the
     micro-batch by tokens, but leaves gradient checkpointing as configured). ``shape`` defaults to
     :func:`model_shape_for` of ``config.model.name``; without one the fast profile keeps
-    checkpointing on, which fits wherever the seed fits. ``backend`` is the backend that will run
-    ("unsloth" or "transformers"); the estimate for plain transformers is more cautious.
+    checkpointing on, which fits wherever the seed fits. ``kernels`` are the memory traits of the
+    backend that will run (:class:`MemoryTraits`); the estimate for plain kernels is more cautious.
     """
     profile = getattr(config.training, "profile", "seed")
     new = config.model_copy(deep=True)
@@ -268,7 +287,7 @@ def apply_profile(
 
         def fits(n: int, ckpt: Union[bool, str]) -> bool:
             need = estimate_memory_gib(
-                shape, n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit, backend
+                shape, n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit, kernels
             )
             return need <= budget
 

@@ -17,10 +17,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, validate
 from .errors import QtuneError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
 
 ADAPTER_DIR = "adapter"
 
@@ -61,6 +63,8 @@ class FinishedRun:
         if not config_file.is_file():
             raise QtuneError(f"{str(run_dir)!r} is not a qtune run directory (no config.yaml); pass the folder `qtune run` printed")
         import yaml
+
+        from .config import validate
 
         config = validate(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
         run = cls(run_dir, config)

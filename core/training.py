@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import QtuneError, describe
+from .errors import QtuneError
 from .run import RunContext
 from .types import TrainingCallback
 
@@ -91,16 +91,13 @@ def sft_config(run: RunContext, model) -> Any:
 
 def call_callbacks(callbacks: list[TrainingCallback], event: str, *args: Any) -> None:
     """Call ``event`` on every callback; a plugin's exception becomes one line naming it."""
+    from .plugin_manager import get_host
+
+    host = get_host()
     for cb in callbacks:
-        try:
+        name = getattr(cb, "name", type(cb).__name__)
+        with host.guard_item(host.callbacks, name, f"{event} of callback {name!r}"):
             getattr(cb, event)(*args)
-        except QtuneError:
-            raise
-        except Exception as exc:
-            raise QtuneError(
-                f"callback {getattr(cb, 'name', type(cb).__name__)!r} ({type(cb).__module__}) failed in {event}: "
-                f"{describe(exc)}; fix the plugin or remove it from `callbacks`"
-            ) from exc
 
 
 def all_finite(tensors) -> bool:

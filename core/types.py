@@ -6,14 +6,18 @@ so that ``qtune --help`` and config validation stay fast.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .profiles import PLAIN_KERNELS, MemoryTraits
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
-    from .run import RunContext
+    from .profiles import ModelShape
+    from .run import FinishedRun, RunContext
+    from .verify import VerifyReport
 
 
 class PromptTemplate:
@@ -70,6 +74,9 @@ class ModelEntry:
     #: GPU memory needed to fine-tune with QLoRA, in GiB (rough, at max_seq_length 2048)
     memory_4bit_gib: float | None = None
     description: str = ""
+    #: the model's layer shapes (:class:`qtune.api.ModelShape`), when known: the fast profile and
+    #: the memory estimates use it before anything is downloaded
+    shape: ModelShape | None = None
 
     def resolve(self) -> str:
         if self.materialize is not None:
@@ -88,10 +95,20 @@ class Backend:
     description: ClassVar[str] = ""
     #: whether importing this backend patches trl/transformers (it must then load first)
     patches_trainer: ClassVar[bool] = False
+    #: ``model.backend: auto`` takes the available backend with the highest priority above 0
+    auto_priority: ClassVar[int] = 0
+    #: how its kernels spend memory per token, for the fast profile's estimate (:class:`qtune.api.MemoryTraits`)
+    memory_traits: ClassVar[MemoryTraits] = PLAIN_KERNELS
 
     def unavailable_reason(self, config: Config) -> str | None:
         """Why this backend cannot run here with this config, or None when it can."""
         return None
+
+    def import_first(self) -> bool:
+        """For a backend that ``patches_trainer``: import the patching library now and return True,
+        so the core may load the tokenizer (and so transformers) before the model. False (the
+        default) makes the core check the tokens only after ``load``."""
+        return False
 
     def load(self, config: Config, model_path: str) -> tuple[Any, Any]:
         """Return ``(model, tokenizer)`` ready for ``add_lora``."""
@@ -142,6 +159,9 @@ class TrainingCallback:
 
 @dataclass
 class ExportResult:
+    """What ``Exporter.export`` returns: the format, the folder (or file) written, the files in it
+    (the core lists the folder when empty) and details recorded in exports.json (JSON-able)."""
+
     format: str
     path: Path
     files: list[Path] = field(default_factory=list)
@@ -149,21 +169,60 @@ class ExportResult:
 
 
 class Exporter:
-    """Writes a finished run in one format. ``export`` writes under ``out_dir`` (which it must
-    create through :func:`qtune.fsutil.atomic_dir` so a crash leaves nothing half-written)."""
+    """Writes a finished run in one format and, optionally, checks the result in its runtime.
+
+    The core picks the exporter by ``name``, resolves ``--quant`` (:meth:`resolve_quantization`),
+    refuses options it does not declare, calls ``export``, records the result in exports.json and
+    calls ``verify``. Raise :class:`qtune.api.QtuneError` for a problem the user can fix; any other
+    exception is reported as a failure of the plugin, in one line naming it and its distribution.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     #: the quantizations ``--quant`` accepts (empty: the option is refused)
     quantizations: ClassVar[tuple[str, ...]] = ()
     default_quantization: ClassVar[str | None] = None
+    #: other spellings of a quantization (``{"float16": "fp16"}``), matched case-insensitively
+    quantization_aliases: ClassVar[Mapping[str, str]] = {}
+    #: keyword options ``export`` takes besides the quantization, with a line of help each
+    #: (``qtune export --option NAME=VALUE``; built-in flags such as ``--max-shard-size`` map here)
+    options: ClassVar[Mapping[str, str]] = {}
+    #: the suffix of a file this format's runtime can generate from (``".gguf"``): ``qtune generate
+    #: FILE`` then calls :meth:`stream_generate`
+    artifact_suffix: ClassVar[str | None] = None
 
     def unavailable_reason(self) -> str | None:
+        """Why this format cannot be written here (a missing package, with the pip command), or None."""
         return None
 
-    def export(self, run: Any, out_dir: Path, quantization: str | None) -> ExportResult:
+    def resolve_quantization(self, quantization: str | None) -> str | None:
+        """The spelling of ``quantization`` in :attr:`quantizations` (aliases and case allowed), the
+        default when None; a one-line error naming the choices otherwise."""
+        from .errors import QtuneError
+
+        if quantization is None:
+            return self.default_quantization
+        if not self.quantizations:
+            raise QtuneError(f"export format {self.name!r} takes no --quant; leave it out")
+        key = quantization.strip().lower()
+        key = {alias.lower(): name for alias, name in self.quantization_aliases.items()}.get(key, key)
+        for known in self.quantizations:
+            if known.lower() == key:
+                return known
+        raise QtuneError(f"export format {self.name!r} has no quantization {quantization!r}; choose one of: {', '.join(self.quantizations)}")
+
+    def export(self, run: FinishedRun, out_dir: Path, quantization: str | None, **options: Any) -> ExportResult:
+        """Write ``run`` into ``out_dir`` through :func:`qtune.api.atomic_dir` (a crash must leave
+        nothing under that name) and return what was written."""
         raise NotImplementedError
 
-    def verify(self, run: Any, result: ExportResult) -> Any:
-        """Load the artefact in its target runtime and compare it with the trained model."""
+    def verify(self, run: FinishedRun, result: ExportResult) -> VerifyReport:
+        """Load the artefact in its target runtime and compare it with the trained model; return a
+        :class:`qtune.api.VerifyReport` (build it with :func:`qtune.api.verify_with`). A report that
+        did not pass makes the export fail. Formats without a check leave this out."""
+        raise NotImplementedError
+
+    def stream_generate(self, path: Path, prompt: str, *, max_new_tokens: int, stop: list[str]) -> Iterator[str]:
+        """Generate from the file ``path`` (with :attr:`artifact_suffix`) for ``prompt``, yielding text
+        pieces as they come (greedy)."""
         raise NotImplementedError

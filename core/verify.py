@@ -1,55 +1,14 @@
-"""Checking an exported artefact against the trained model, in the runtime that will load it.
+"""Comparison primitives for exporters: check an artefact against the trained model in its runtime.
 
 The reference is the trained model as training left it: the base model with the run's adapter
-loaded through peft, unmerged, in float32 (bfloat16 when float32 would not fit); for merged-4bit
-of a run trained in 4-bit, the NF4 base it trained on (see the end of this docstring). A few prompts are
-rendered with the run's template; for each, the artefact's runtime tokenizes the text (the token
-ids must be identical to the run's tokenizer's) and returns the logits at every position. The report
-gives the share of positions whose arg max agrees with the reference (top-1), the share whose arg
-max is among the reference's five best tokens (top-5), and the largest absolute logit difference.
-
-Thresholds are per format and quantization (:data:`THRESHOLDS`): lossless formats (f32, f16, the
-LoRA itself) must agree on top-1 at 99% or more; bf16 and the quantized formats get looser top-1
-bounds and are held mainly to top-5. The reason is the test models: a random-weight model's logits
-are nearly flat (the best two of 150,000 tokens often differ by 0.01), so rounding well inside a
-format's error budget flips the arg max without changing what the model ranks as plausible; a real
-model's logits are peaked. Every bound is set below what was measured on the random tiny Qwen2
-(2 layers, hidden 256) and SmolLM2-135M-Instruct (with a small random LoRA), top-1 / top-5:
-
-    format             tiny random    SmolLM2-135M
-    merged-16bit bf16  0.95 / 1.00    1.00 / 1.00
-    merged-4bit (NF4)  0.48 / 0.94    0.74 / 0.97
-    gguf f16           1.00 / 1.00    1.00 / 1.00
-    gguf bf16          0.94 / 1.00    1.00 / 1.00
-    gguf q8_0          0.93 / 1.00    0.99 / 1.00
-    gguf q6_k          0.84 / 1.00    0.92 / 1.00
-    gguf q5_k_m        0.83 / 1.00    0.85 / 1.00
-    gguf q4_k_m        0.61 / 0.99    0.79-0.82 / 1.00
-    gguf q4_0          0.50 / 0.91    0.69 / 0.96
-    gguf q3_k_m        0.63 / 0.92    0.88 / 1.00
-    gguf q2_k          0.26 / 0.52    0.71 / 0.92
-
-merged-4bit of a run trained in 4-bit (QLoRA) is held to what that run trained: the NF4 base with
-the adapter on top (:func:`training_quantization`), not the float32 base. Quantizing the merged
-weights re-rounds only where the adapter moved a weight across an NF4 bin, so the export stays close
-to that model, while the float32 model differs from both by the base's whole NF4 error. Measured
-on CPU (bitsandbytes 0.50.2, compute bfloat16) on the three probe prompts, top-1 / top-5 of
-merged-4bit against each reference, and of the NF4 base *without* the adapter (what a merge that
-lost the adapter would score):
-
-    run (adapter)                              vs NF4+adapter  vs fp32+adapter  no adapter
-    tiny Qwen2, QLoRA 30 steps lr 2e-3         0.97 / 1.00     0.96 / 1.00      0.07 / 0.17
-    SmolLM2-135M, QLoRA 30 steps lr 1e-3       0.90 / 0.99     0.84 / 0.96      0.52 / 0.69
-    SmolLM2-135M, random lora_B (std 0.001)    0.93 / 1.00     0.69 / 0.95      0.99 / 1.00
-    random Qwen2.5-0.5B shape, QLoRA 8 steps   0.94 / 1.00     0.59 / 0.98      0.00 / 0.02
-    tiny Qwen2, random lora_B (std 0.05)       0.50 / 0.84     0.63 / 0.88      0.10 / 0.16
-
-The bound (0.75 / 0.95, ``merged-4bit/nf4-base``) passes every trained adapter and fails the
-no-adapter rows of trained runs. The last row is an outlier by construction: an unstructured
-random update about half the size of the weights themselves moves most weights into another NF4
-bin, so the two roundings no longer cancel; trained adapters are small and aligned with the data. Merging into the dequantized NF4 base instead (then quantizing again) scored like the
-no-adapter rows (SmolLM2 0.55 / 0.69, Qwen2.5-0.5B shape 0.00 / 0.02): re-quantizing snaps the
-small updates back onto the base's grid, which is why merged-4bit merges into the original weights.
+loaded through peft, unmerged, in float32 (bfloat16 when float32 would not fit), or quantized on
+load exactly as a QLoRA run trained (``quantization``, see :func:`qtune.quantization.training_quantization`).
+A few prompts are rendered with the run's template; for each, the artefact's runtime tokenizes the
+text (the token ids must be identical to the run's tokenizer's) and returns the logits at every
+position. The report gives the share of positions whose arg max agrees with the reference (top-1),
+the share whose arg max is among the reference's five best tokens (top-5), and the largest absolute
+logit difference. Each exporter passes its own bounds (``bounds=(min_top1, min_top5)``), measured for
+its formats and documented beside them.
 """
 
 from __future__ import annotations
@@ -65,45 +24,12 @@ from .errors import QtuneError
 if TYPE_CHECKING:  # pragma: no cover
     from .run import FinishedRun
 
-#: (minimum top-1 agreement, minimum top-5 agreement) per format, and per "format:quant"
-THRESHOLDS: dict[str, tuple[float, float]] = {
-    "lora": (0.99, 0.99),
-    "merged-16bit:fp32": (0.99, 0.99),
-    "merged-16bit:fp16": (0.97, 0.99),
-    # bf16 keeps 8 mantissa bits: on flat random logits ~5% of arg maxes flip
-    "merged-16bit:bf16": (0.9, 0.99),
-    # vs the float32 base + adapter (a run not trained in 4-bit): NF4 (blocks of 64, one absmax
-    # each) is coarser than q4_k_m, which keeps some tensors in q6_k
-    "merged-4bit": (0.4, 0.9),
-    # vs the NF4 base + adapter a QLoRA run trained (see the table above)
-    "merged-4bit/nf4-base": (0.75, 0.95),
-    "gguf:f32": (0.99, 0.99),
-    "gguf:f16": (0.99, 0.99),
-    "gguf:bf16": (0.9, 0.99),
-    "gguf:q8_0": (0.85, 0.98),
-    "gguf:q6_k": (0.75, 0.95),
-    "gguf:q5_k_m": (0.7, 0.95),
-    "gguf:q5_k_s": (0.7, 0.95),
-    "gguf:q4_k_m": (0.5, 0.9),
-    "gguf:q4_k_s": (0.5, 0.9),
-    "gguf:q4_0": (0.45, 0.85),
-    "gguf:q3_k_m": (0.35, 0.75),
-    "gguf:q2_k": (0.2, 0.5),
-}
-
 # Instructions the check prompts are built from (plain text, one with digits and non-ASCII).
 PROBE_TEXTS = (
     "Give three tips for staying healthy.",
     "What is the capital of France? Answer in one word.",
     "Übersetze 'good morning' ins Deutsche: 12 + 30 = ?",
 )
-
-
-def thresholds_for(fmt: str, quant: str | None, reference: str | None = None) -> tuple[float, float] | None:
-    """The bounds for ``fmt``/``quant``; ``reference`` ("nf4-base") picks the ones measured against a
-    4-bit reference first (``THRESHOLDS["merged-4bit/nf4-base"]``)."""
-    keys = ([f"{fmt}:{quant}/{reference}", f"{fmt}/{reference}"] if reference else []) + [f"{fmt}:{quant}", fmt]
-    return next((THRESHOLDS[key] for key in keys if key in THRESHOLDS), None)
 
 
 @dataclass
@@ -329,7 +255,7 @@ def reference_outputs(run: FinishedRun, count: int = 3, quantization: Mapping[st
     remote = run.config.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=remote)
     if quantization:
-        from .merge import nf4_config
+        from .quantization import disable_bnb_cpu_repacking, nf4_config
 
         compute, kind, double = quantization["compute_dtype"], quantization["quant_type"], quantization["double_quant"]
         base = AutoModelForCausalLM.from_pretrained(
@@ -352,83 +278,11 @@ def reference_outputs(run: FinishedRun, count: int = 3, quantization: Mapping[st
     token_ids = [tokenizer(p)["input_ids"] for p in prompts]
     logits = hf_logits(model, token_ids)
     del model, base
-    _free_memory()
+    free_memory()
     reference = Reference(prompts, token_ids, logits, description, tokenizer)
     _reference_cache.clear()
     _reference_cache[key] = reference
     return reference
-
-
-def disable_bnb_cpu_repacking(model) -> None:
-    """Keep bitsandbytes' Linear4bit on its plain dequantize-and-matmul path on the CPU.
-
-    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight in place for its own
-    kernel at the first eval-mode forward (a later training step then fails). Reference and
-    candidate are both run this way, so a comparison sees the weights, not two kernels (the two
-    paths agreed on top-1 at only 96-100% of positions on the models measured). No effect on CUDA."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def training_quantization(run: FinishedRun) -> dict[str, Any] | None:
-    """How the run's base was quantized for training, when it was trained in 4-bit (QLoRA), else None.
-
-    Returns ``{"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}``-style
-    settings (those of :func:`qtune.merge.nf4_config`). The run's ``summary.json`` decides when it
-    records it (``"quantization"``: such a mapping, or null for plain weights; see
-    :func:`describe_quantization`). Without that record: ``model.load_in_4bit`` false means plain
-    weights; a base checkpoint that is already bitsandbytes-quantized is loaded as stored by the
-    plain reference anyway (None here); otherwise the built-in backends quantize only on CUDA, so
-    a run whose memory report says it trained on the CPU had plain weights, one on a GPU had 4-bit,
-    and with no such report the run counts as trained where it is exported (CUDA here: 4-bit).
-    """
-    summary = run.summary()
-    if "quantization" in summary:
-        recorded = summary["quantization"]
-        if not recorded:
-            return None
-        return {"quant_type": str(recorded.get("quant_type", "nf4")), "double_quant": bool(recorded.get("double_quant", True)),
-                "compute_dtype": str(recorded.get("compute_dtype", "bfloat16")).replace("torch.", "")}
-    model = run.config.model
-    if not model.load_in_4bit or _prequantized(run.model_path()):
-        return None
-    device = (summary.get("memory") or {}).get("device")
-    if device is None:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-        bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    else:
-        on_gpu = device != "cpu"
-        bf16 = True  # a GPU named in the report: assume bf16 support (Ampere and later)
-    if not on_gpu:
-        return None
-    compute = model.dtype if model.dtype != "auto" else ("bfloat16" if bf16 else "float16")
-    return {"quant_type": "nf4", "double_quant": True, "compute_dtype": compute}
-
-
-def describe_quantization(model) -> dict[str, Any] | None:
-    """What :func:`training_quantization` reads from summary.json["quantization"], taken from a loaded
-    (peft or plain) model: None for plain weights, else its bitsandbytes 4-bit settings."""
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if not getattr(model, "is_loaded_in_4bit", False) or config is None:
-        return None
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    compute = get("bnb_4bit_compute_dtype", "float32")
-    return {"quant_type": get("bnb_4bit_quant_type", "nf4"), "double_quant": bool(get("bnb_4bit_use_double_quant", False)),
-            "compute_dtype": str(compute).replace("torch.", "")}
-
-
-def _prequantized(model_path: str | Path) -> bool:
-    import json
-
-    config_file = Path(model_path) / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool((config.get("quantization_config") or {}).get("load_in_4bit"))
 
 
 def hf_logits(model, token_ids: Sequence[Sequence[int]]) -> list[Any]:
@@ -443,7 +297,7 @@ def hf_logits(model, token_ids: Sequence[Sequence[int]]) -> list[Any]:
     return out
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     import gc
 
     import torch
@@ -485,21 +339,23 @@ def verify_with(
     quant: str | None,
     runtime: str,
     candidate: Callable[[list[str]], tuple[list[list[int]], list[Any]]],
+    bounds: tuple[float, float] | None = None,
     checks: Callable[[Reference], Mapping[str, bool]] | None = None,
     count: int = 3,
     quantization: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Compare ``candidate(prompts) -> (token ids, logits)`` with the trained model on the probe prompts.
 
-    ``quantization`` (:func:`training_quantization`) makes the reference the 4-bit base + adapter
-    the run trained, with the bounds measured against it (``THRESHOLDS[fmt + "/nf4-base"]``).
+    ``bounds`` is ``(min_top1, min_top5)``: the report fails below either (None: no bound).
+    ``checks(reference) -> {name: ok}`` adds yes/no checks (EOS id, chat template, ...).
+    ``quantization`` (:func:`qtune.quantization.training_quantization`) makes the reference the
+    4-bit base + adapter the run trained.
     """
     started = time.perf_counter()
     reference = reference_outputs(run, count, quantization)
     ids, logits = candidate(reference.prompts)
-    minimums = thresholds_for(fmt, quant, "nf4-base" if quantization else None)
     report = VerifyReport(fmt, quant, runtime, reference.description,
-                          min_top1=minimums[0] if minimums else None, min_top5=minimums[1] if minimums else None)
+                          min_top1=bounds[0] if bounds else None, min_top5=bounds[1] if bounds else None)
     for ref_ids, ref_logits, got_ids, got_logits in zip(reference.token_ids, reference.logits, ids, logits, strict=True):
         report.prompts.append(compare(ref_ids, ref_logits, got_ids, got_logits))
     if checks is not None:
@@ -509,8 +365,9 @@ def verify_with(
 
 
 def verify_hf_model(run: FinishedRun, fmt: str, quant: str | None, load: Callable[[], tuple[Any, Any]],
-                    runtime: str = "transformers", quantization: Mapping[str, Any] | None = None) -> VerifyReport:
-    """Verify an artefact transformers loads: ``load() -> (model, tokenizer)``."""
+                    bounds: tuple[float, float] | None = None, runtime: str = "transformers",
+                    quantization: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Verify an artefact transformers loads: ``load() -> (model, tokenizer)``; see :func:`verify_with`."""
 
     def candidate(prompts: list[str]):
         model, tokenizer = load()
@@ -518,7 +375,7 @@ def verify_hf_model(run: FinishedRun, fmt: str, quant: str | None, load: Callabl
         ids = [tokenizer(p)["input_ids"] for p in prompts]
         logits = hf_logits(model, ids)
         del model
-        _free_memory()
+        free_memory()
         return ids, logits
 
-    return verify_with(run, fmt, quant, runtime, candidate, quantization=quantization)
+    return verify_with(run, fmt, quant, runtime, candidate, bounds, quantization=quantization)

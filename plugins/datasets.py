@@ -7,9 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from qtune import hookimpl
-from qtune.errors import QtuneError, first_line
-from qtune.types import DatasetLoader
+from qtune.api import DatasetLoader, QtuneError, first_line, hookimpl
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 

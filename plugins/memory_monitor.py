@@ -6,8 +6,7 @@ from __future__ import annotations
 import resource
 import time
 
-from qtune import hookimpl
-from qtune.types import TrainingCallback
+from qtune.api import TrainingCallback, current_memory_gib, hookimpl
 
 GIB = 1024**3
 
@@ -16,16 +15,6 @@ def _cuda():
     import torch
 
     return torch.cuda if torch.cuda.is_available() else None
-
-
-def current_memory_gib() -> float:
-    """GPU memory reserved by torch now, or the process's resident memory on CPU."""
-    cuda = _cuda()
-    if cuda is not None:
-        return cuda.memory_reserved() / GIB
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / GIB
 
 
 def peak_rss_gib() -> float:

@@ -15,20 +15,7 @@ gradient checkpointing). ``params_b`` is counted from the same shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
-from qtune import hookimpl
-from qtune.profiles import ModelShape, seed_memory_gib
-from qtune.types import ModelEntry
-
-
-@dataclass(frozen=True)
-class CatalogueEntry(ModelEntry):
-    """A catalogue model whose shape is known, so memory can be estimated before anything downloads."""
-
-    shape: Optional[ModelShape] = None
-
+from qtune.api import ModelEntry, ModelShape, hookimpl, seed_memory_gib
 
 # Shapes from each model's config.json (vocab, hidden, layers, intermediate, heads, kv heads,
 # head_dim when it is not hidden / heads, tied embeddings).
@@ -82,7 +69,7 @@ def catalogue_entries() -> list[ModelEntry]:
     for name, source, family, key, description in CATALOGUE:
         shape = SHAPES[key]
         entries.append(
-            CatalogueEntry(
+            ModelEntry(
                 name=name,
                 source=source,
                 family=family,

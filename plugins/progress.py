@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from qtune import hookimpl
-from qtune.types import TrainingCallback
+from qtune.api import TrainingCallback, current_memory_gib, hookimpl
 
 
 class RichProgress(TrainingCallback):
@@ -43,8 +42,6 @@ class RichProgress(TrainingCallback):
     def on_step_end(self, run, step, metrics):
         if self.progress is None:
             return
-        from qtune.plugins.memory_monitor import current_memory_gib
-
         tps = metrics.get("tokens_per_second")
         self.progress.update(
             self.task,

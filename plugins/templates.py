@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from qtune import hookimpl
-from qtune.types import PromptTemplate
+from qtune.api import PromptTemplate, hookimpl
 
 # The exact text of Unsloth's Alpaca notebooks; training text is ALPACA_PROMPT.format(i, x, y) + EOS.
 ALPACA_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.

@@ -3,11 +3,9 @@ plain weights on CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from qtune import hookimpl
-from qtune.types import Backend
+from qtune.api import Backend, hookimpl, missing_modules, nf4_config
 
 
 def resolve_dtype(name: str):
@@ -25,17 +23,13 @@ def resolve_dtype(name: str):
 class TransformersBackend(Backend):
     name = "transformers"
     description = "transformers + peft (+ bitsandbytes 4-bit on CUDA); CPU and any GPU"
+    auto_priority = 10  # runs wherever torch does: the fallback for `auto`
 
     def unavailable_reason(self, config):
-        for module in ("torch", "transformers", "peft"):
-            if importlib.util.find_spec(module) is None:
-                return f"{module} is not installed"
-        return None
+        return missing_modules("torch", "transformers", "peft")
 
     def _quantization(self, config, dtype):
         import torch
-
-        from qtune.merge import nf4_config
 
         if not (config.model.load_in_4bit and torch.cuda.is_available()):
             return None

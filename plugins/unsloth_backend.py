@@ -20,9 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qtune import hookimpl
-from qtune.backends import cuda_device_count
-from qtune.types import Backend
+from qtune.api import FUSED_KERNELS, Backend, cuda_device_count, hookimpl
 
 ALLOW_CPU_ENV = "QTUNE_UNSLOTH_ALLOW_CPU"
 #: modules that ``import unsloth`` patches; importing any of them first loses Unsloth's optimizations
@@ -63,6 +61,8 @@ class UnslothBackend(Backend):
     name = "unsloth"
     description = "Unsloth's FastLanguageModel (fused kernels, 4-bit, padding-free); NVIDIA GPUs"
     patches_trainer = True
+    auto_priority = 20  # preferred wherever it can run (a CUDA GPU)
+    memory_traits = FUSED_KERNELS  # chunked fused loss, offloaded checkpointing
 
     def unavailable_reason(self, config):
         if importlib.util.find_spec("unsloth") is None:
@@ -75,10 +75,11 @@ class UnslothBackend(Backend):
             return f"no CUDA GPU found (Unsloth trains on NVIDIA GPUs; {ALLOW_CPU_ENV}=1 forces its slow CPU fallback)"
         return None
 
-    def import_first(self) -> None:
+    def import_first(self) -> bool:
         """Import unsloth now, before anything imports torch/trl/transformers/peft (the pipeline calls
         this first when it wants to read the tokenizer before the model loads)."""
         import_unsloth()
+        return True
 
     def _from_pretrained(self, config, model_name: str):
         FastLanguageModel = import_unsloth()

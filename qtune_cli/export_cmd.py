@@ -25,9 +25,11 @@ import click
               help="gguf: use this llama.cpp checkout's converter instead of the installed llama-cpp-python's "
                    "(or set QTUNE_LLAMA_CPP_DIR).")
 @click.option("--max-shard-size", default=None, metavar="SIZE", help="merged-16bit: largest safetensors shard, e.g. 5GB (default) or 500MB.")
+@click.option("--option", "extra", multiple=True, metavar="NAME=VALUE",
+              help="An option the format declares in its Exporter.options (a plugin's README names them); repeatable.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (the old one stays until the new one is complete).")
 def export(run_dir: Path, fmt: str, quant: str | None, verify: bool, out: Path | None, llama_cpp_dir: Path | None,
-           max_shard_size: str | None, force: bool):
+           max_shard_size: str | None, extra: tuple[str, ...], force: bool):
     """Export the run in RUN_DIR as FORMAT.
 
     \b
@@ -38,13 +40,19 @@ def export(run_dir: Path, fmt: str, quant: str | None, verify: bool, out: Path |
     """
     from rich.console import Console
 
+    from qtune.errors import QtuneError
     from qtune.export import export_run
     from qtune.run import FinishedRun
-    from qtune_cli.main import quiet_libraries
+    from qtune_cli.output import quiet_libraries
 
     quiet_libraries()  # the libraries' loading bars and hub-kernel warnings would bury the report
     console = Console(stderr=True, highlight=False)
     run = FinishedRun.open(run_dir)
     options = {"llama_cpp_dir": llama_cpp_dir, "max_shard_size": max_shard_size}
+    for item in extra:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise QtuneError(f"--option {item!r} is not NAME=VALUE; write it like --option max_shard_size=2GB")
+        options[name.strip().replace("-", "_")] = value
     result = export_run(run, fmt, quant, verify, out, console, overwrite=force, **options)
     click.echo(str(result.path))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,12 +14,7 @@ from qtune import __version__
 from qtune.errors import QtuneError
 from qtune_cli.export_cmd import export
 from qtune_cli.models_cmd import models
-
-
-def console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
+from qtune_cli.output import console, print_traceback, quiet_libraries
 
 
 class QtuneGroup(click.Group):
@@ -28,11 +24,19 @@ class QtuneGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QtuneError as error:
+            print_traceback(error)
             raise click.ClickException(str(error)) from None
+
+
+def _set_debug(ctx, param, value):
+    if value:
+        os.environ["QTUNE_DEBUG"] = "1"
 
 
 @click.group(cls=QtuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qtune")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Print the traceback behind an error (also QTUNE_DEBUG=1).")
 def cli():
     """Fine-tune causal language models with LoRA/QLoRA, built from plugins.
 
@@ -117,28 +121,6 @@ def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path |
     _print_summary(out, ctx)
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for qtune's own progress: no per-map bars or info logs from the libraries."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-
-    # On CPUs with AVX512-BF16, bitsandbytes offers to fetch a kernel from the hub and warns when it
-    # cannot; qtune never fetches code, so the warning is noise.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # Libraries already imported (an earlier command in this process) read the variables too late.
-    # Importing them here instead would load transformers before Unsloth could patch it.
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].logging.set_verbosity_error()
-        sys.modules["transformers"].logging.disable_progress_bar()
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
-
-
 def _print_summary(out, ctx) -> None:
     from rich.table import Table
 
@@ -168,8 +150,8 @@ def generate(run_dir: Path, instruction: str, input_text: str, system: str | Non
              stream: bool):
     """Answer an instruction with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
     example = {"instruction": instruction, "input": input_text, **({"system": system} if system else {})}
-    if run_dir.suffix == ".gguf":
-        pieces = _gguf_pieces(run_dir, example, max_new_tokens)
+    if run_dir.is_file() or run_dir.suffix:
+        pieces = _artifact_pieces(run_dir, example, max_new_tokens)
     else:
         from qtune.run import FinishedRun
 
@@ -189,18 +171,29 @@ def generate(run_dir: Path, instruction: str, input_text: str, system: str | Non
         click.echo("".join(pieces))
 
 
-def _gguf_pieces(gguf_path: Path, example: dict, max_new_tokens: int):
-    """A GGUF made by `qtune export` sits in RUN_DIR/exports/...; its run gives the template."""
-    from qtune.gguf import stream_generate
+def _artifact_pieces(path: Path, example: dict, max_new_tokens: int):
+    """A file made by `qtune export` (a GGUF, ...) runs in the runtime of the export format whose
+    ``artifact_suffix`` it has; it sits in RUN_DIR/exports/..., and its run gives the template."""
+    from qtune.plugin_manager import get_host
     from qtune.run import FinishedRun
 
-    if not gguf_path.is_file():
-        raise QtuneError(f"GGUF file {str(gguf_path)!r} not found; export one with `qtune export RUN_DIR --format gguf`")
-    run_dir = next((p for p in gguf_path.resolve().parents if (p / "config.yaml").is_file()), None)
+    host = get_host()
+    runners = {host.exporters.get(name).artifact_suffix: name for name in host.exporters if host.exporters.get(name).artifact_suffix}
+    name = runners.get(path.suffix.lower())
+    if name is None:
+        choices = ", ".join(sorted(runners)) or "none"
+        raise QtuneError(f"cannot generate from {str(path)!r}: give a run directory or an exported file ({choices})")
+    if not path.is_file():
+        raise QtuneError(f"file {str(path)!r} not found; export one with `qtune export RUN_DIR --format {name}`")
+    run_dir = next((p for p in path.resolve().parents if (p / "config.yaml").is_file()), None)
     if run_dir is None:
-        raise QtuneError(f"{str(gguf_path)!r} is not inside a qtune run directory, so its prompt template is unknown")
+        raise QtuneError(f"{str(path)!r} is not inside a qtune run directory, so its prompt template is unknown")
     template = FinishedRun.open(run_dir).template
-    return stream_generate(gguf_path, template.render_prompt(example), max_new_tokens=max_new_tokens, stop=template.stop_strings())
+    exporter = host.exporters.get(name)
+    with host.guard(host.exporters.owners.get(name, "?"), f"generating with {name}"):
+        pieces = exporter.stream_generate(path, template.render_prompt(example), max_new_tokens=max_new_tokens,
+                                          stop=template.stop_strings())
+    return pieces
 
 
 @cli.command()
@@ -263,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _add_plugin_commands()
     except QtuneError as error:
+        if "--debug" in (argv if argv is not None else sys.argv):
+            os.environ["QTUNE_DEBUG"] = "1"
+        print_traceback(error)
         click.echo(f"Error: {error}", err=True)
         sys.exit(1)
     cli.main(args=argv, prog_name="qtune")

@@ -11,8 +11,8 @@ import unicodedata
 import pytest
 
 import assets
-from qtune.plugins import demo_model
 from qtune.errors import QtuneError
+from qtune.plugins import demo_model
 
 SAMPLES = [
     "Hello world",
@@ -292,7 +292,7 @@ def test_smollm2_tokenizer_is_byte_level_bpe_and_encodes_like_llama_cpp(smollm2_
     """The saved tokenizer.json is GPT-2-style byte-level BPE (what llama.cpp's converter needs to
     write a "gpt2"/"smollm" vocabulary) and gives the ids llama.cpp gives reading the shipped GGUF."""
     pytest.importorskip("llama_cpp")
-    from qtune.gguf import gguf_vocab
+    from qtune.plugins.gguf_export import gguf_vocab
 
     pipeline = json.loads((smollm2_dir / "tokenizer.json").read_text(encoding="utf-8"))
     assert pipeline["model"]["type"] == "BPE" and pipeline["model"]["byte_fallback"] is False

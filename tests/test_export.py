@@ -187,8 +187,7 @@ def qlora_run(run_dir: Path, model_dir: Path, steps: int = 4, lr: float = 3e-3) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qtune.config import SEED_TARGET_MODULES, Config
-    from qtune.merge import nf4_config
-    from qtune.verify import describe_quantization, disable_bnb_cpu_repacking
+    from qtune.quantization import describe_quantization, disable_bnb_cpu_repacking, nf4_config
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=nf4_config("bfloat16"),
@@ -222,16 +221,17 @@ def test_merged_4bit_of_a_qlora_run_is_verified_against_its_nf4_base(tiny_qwen_d
     from transformers import AutoModelForCausalLM
 
     from qtune.export import export_run
-    from qtune.merge import nf4_config
+    from qtune.plugins.hf_exports import BOUNDS
+    from qtune.quantization import disable_bnb_cpu_repacking, nf4_config, training_quantization
     from qtune.run import FinishedRun
-    from qtune.verify import THRESHOLDS, compare, disable_bnb_cpu_repacking, hf_logits, reference_outputs, training_quantization
+    from qtune.verify import compare, hf_logits, reference_outputs
 
     run = FinishedRun.open(qlora_run(tmp_path / "qlora", tiny_qwen_dir))
     assert training_quantization(run) == QLORA
     result = export_run(run, "merged-4bit", verify=True)
     report = result.details["verify"]
     assert report["reference"] == "peft over the NF4 base (double quant, compute bfloat16)"
-    assert (report["min_top1"], report["min_top5"]) == THRESHOLDS["merged-4bit/nf4-base"]
+    assert (report["min_top1"], report["min_top5"]) == BOUNDS["merged-4bit/nf4-base"]
     assert report["passed"] and report["tokenization_identical"] and report["top5_agreement"] >= 0.95  # 1.00 / 1.00 measured
     nf4 = reference_outputs(run, 3, QLORA)
     fp32 = reference_outputs(run, 3)
@@ -243,17 +243,17 @@ def test_merged_4bit_of_a_qlora_run_is_verified_against_its_nf4_base(tiny_qwen_d
     disable_bnb_cpu_repacking(base)
     plain = hf_logits(base.eval(), nf4.token_ids)
     top5 = [compare(ids, ref, ids, got).top5 for ids, ref, got in zip(nf4.token_ids, nf4.logits, plain, strict=True)]
-    assert sum(top5) / len(top5) < THRESHOLDS["merged-4bit/nf4-base"][1]  # 0.2-0.33 measured
+    assert sum(top5) / len(top5) < BOUNDS["merged-4bit/nf4-base"][1]  # 0.2-0.33 measured
 
 
 @pytest.mark.parametrize(
     "load_in_4bit, dtype, summary, cuda, expected",
     [
-        (False, "auto", {"memory": {"device": "NVIDIA H100 80GB HBM3"}}, True, None),
-        (True, "auto", {"memory": {"device": "cpu"}}, False, None),  # the transformers backend quantizes on CUDA only
-        (True, "auto", {"memory": {"device": "NVIDIA H100 80GB HBM3"}}, False, QLORA),  # trained on a GPU, exported here
-        (True, "float16", {"memory": {"device": "Tesla T4"}}, False, {**QLORA, "compute_dtype": "float16"}),
-        (True, "auto", {}, False, None),  # no report: as the backend would load it here
+        (False, "auto", {"device": "cuda:0"}, True, None),
+        (True, "auto", {"device": "cpu"}, False, None),  # the transformers backend quantizes on CUDA only
+        (True, "auto", {"device": "cuda:0"}, False, QLORA),  # trained on a GPU, exported here
+        (True, "float16", {"device": "cuda:0"}, False, {**QLORA, "compute_dtype": "float16"}),
+        (True, "auto", {}, False, None),  # no record: as the backend would load it here
         (True, "auto", {}, True, QLORA),
         (True, "auto", {"quantization": None}, True, None),  # a recorded answer wins
         (False, "auto", {"quantization": {**QLORA, "compute_dtype": "torch.float16"}}, False, {**QLORA, "compute_dtype": "float16"}),
@@ -264,8 +264,8 @@ def test_training_quantization_decides_the_merged_4bit_reference(tiny_qwen_dir, 
     import torch
 
     from qtune.config import Config
+    from qtune.quantization import training_quantization
     from qtune.run import FinishedRun
-    from qtune.verify import training_quantization
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -297,7 +297,7 @@ def test_merge_into_a_prequantized_4bit_base(tiny_qwen_dir, tmp_path):
 
 def test_gguf_f16_matches_the_trained_model(run):
     from qtune.export import export_run
-    from qtune.gguf import gguf_metadata
+    from qtune.plugins.gguf_export import gguf_metadata
 
     result = export_run(run, "gguf", "f16", verify=True)
     report = result.details["verify"]
@@ -314,7 +314,7 @@ def test_gguf_f16_matches_the_trained_model(run):
 @pytest.mark.parametrize("quant, file_type", [("q8_0", "7"), ("Q4_K_M", "15")])
 def test_gguf_quantized_with_modelfile(run, quant, file_type):
     from qtune.export import export_run
-    from qtune.gguf import gguf_metadata
+    from qtune.plugins.gguf_export import gguf_metadata
 
     result = export_run(run, "gguf", quant, verify=True)
     name = f"{run.run_dir.name}.{quant.upper()}.gguf"
@@ -331,7 +331,7 @@ def test_gguf_quantized_with_modelfile(run, quant, file_type):
 
 
 def test_ollama_template_for_chatml_keeps_the_default_system_prompt():
-    from qtune.gguf import ollama_template
+    from qtune.plugins.gguf_export import ollama_template
 
     chatml = get_host().templates.get("chatml")
     go = ollama_template(chatml, "<|im_end|>")

@@ -20,7 +20,7 @@ def smol_run(tmp_path_factory, smollm2_dir):
 
 def test_smollm2_q4_k_m_verifies_and_generates(smol_run):
     from qtune.export import export_run
-    from qtune.gguf import gguf_metadata, load_llama, stream_generate
+    from qtune.plugins.gguf_export import gguf_metadata, load_llama, stream_generate
 
     result = export_run(smol_run, "gguf", "q4_k_m", verify=True)
     report = result.details["verify"]
@@ -58,7 +58,7 @@ def test_tokenizer_repair_for_runs_trained_on_a_gguf_converted_tokenizer(smollm2
     before recipe 2) carry byte_fallback and a SentencePiece decoder; write_gguf repairs a copy."""
     from tokenizers import Tokenizer
 
-    from qtune.gguf import normalize_byte_level_tokenizer
+    from qtune.plugins.gguf_export import normalize_byte_level_tokenizer
 
     clean = tmp_path / "clean.json"
     clean.write_bytes((smollm2_dir / "tokenizer.json").read_bytes())

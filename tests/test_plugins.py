@@ -83,7 +83,7 @@ def test_a_name_taken_twice_is_refused_naming_both_plugins():
 def test_a_plugin_that_raises_is_named():
     with pytest.raises(QtuneError) as info:
         PluginHost(load_installed=False, extra_plugins={"broken-plugin": Broken})
-    assert "plugin 'broken-plugin' failed in register_exporters: RuntimeError: boom" in str(info.value)
+    assert "plugin 'broken-plugin' (distribution (registered in code)) failed in register_exporters: RuntimeError: boom" in str(info.value)
 
 
 def test_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
 
 def test_plugins_dir_loads_a_local_plugin(tmp_path, monkeypatch):
     (tmp_path / "shout.py").write_text(
-        "from qtune import hookimpl\nfrom qtune.types import PromptTemplate\n"
+        "from qtune.api import PromptTemplate, hookimpl\n"
         "class Shout(PromptTemplate):\n    name = 'shout'\n    fields = ('instruction', 'output')\n"
         "    def render_prompt(self, e): return e['instruction'].upper() + '\\n'\n"
         "    def render_completion(self, e): return e['output']\n"
@@ -146,7 +146,8 @@ def test_a_plugin_failing_to_add_commands_is_named():
     host = PluginHost(load_installed=False, extra_plugins={"broken-commands": BrokenCommands})
     with pytest.raises(QtuneError) as info:
         host.add_commands(click.Group())
-    assert "plugin 'broken-commands' failed in register_commands: RuntimeError: no commands today" in str(info.value)
+    assert "plugin 'broken-commands' (distribution (registered in code)) failed in register_commands: RuntimeError: no commands today" in str(
+        info.value)
 
 
 def test_progress_bar_redraws_once_per_step_without_a_refresh_thread():
@@ -171,3 +172,32 @@ def test_progress_bar_redraws_once_per_step_without_a_refresh_thread():
     last = [line for line in frames if line.strip()][-1]
     assert "3/3" in last and "loss 0.3333" in last and "lr 2.0e-04" in last and "1,234 tok/s" in last and "GiB" in last
     assert len(last) <= 80
+
+
+def test_an_installed_plugin_failing_at_export_names_its_distribution(tmp_path, monkeypatch):
+    """The real installed qtune-export-modelcard package, made to fail inside export()."""
+    from qtune.api import FinishedRun
+    from qtune.export import export_run
+
+    host = get_host()
+    exporter = host.exporters.get("modelcard")
+    monkeypatch.setattr(type(exporter), "export", lambda self, run, out_dir, quantization: {}["missing"])
+    run = FinishedRun(tmp_path, None)
+    with pytest.raises(QtuneError) as info:
+        export_run(run, "modelcard", verify=False, out=tmp_path / "card")
+    assert str(info.value).startswith(
+        "plugin 'modelcard' (distribution qtune-export-modelcard 0.1.0) failed in exporting modelcard: KeyError: 'missing'; "
+        "fix the plugin, `pip uninstall qtune-export-modelcard`, or leave it out with QTUNE_LOAD_PLUGINS")
+    assert isinstance(info.value.__cause__, KeyError)  # kept for --debug
+    assert not (tmp_path / "card").exists()
+
+
+def test_auto_backend_takes_the_highest_priority_that_can_run(monkeypatch):
+    from qtune.backends import choose_backend
+    from qtune.config import Config
+
+    config = Config.model_validate({"model": {"backend": "auto"}})
+    monkeypatch.delenv("QTUNE_UNSLOTH_ALLOW_CPU", raising=False)
+    assert choose_backend(config).name == "transformers"  # no GPU here: unsloth (20) cannot run
+    monkeypatch.setenv("QTUNE_UNSLOTH_ALLOW_CPU", "1")
+    assert choose_backend(config).name == "unsloth"

@@ -13,6 +13,8 @@ from qtune.config import Config
 from qtune.plugins.models import CATALOGUE, SHAPES, catalogue_entries
 from qtune.profiles import (
     FAST_TOKENS_PER_MICROBATCH,
+    FUSED_KERNELS,
+    PLAIN_KERNELS,
     ModelShape,
     apply_profile,
     estimate_memory_gib,
@@ -56,7 +58,7 @@ def test_estimate_grows_with_what_it_should():
     assert estimate_memory_gib(QWEN7B, 4096, lora_r=64) > base
     assert estimate_memory_gib(QWEN7B, 4096, load_in_4bit=False) > base + 8  # 16-bit weights
     assert estimate_memory_gib(QWEN7B, 4096, True) > base  # plain checkpointing keeps layer inputs on the GPU
-    assert estimate_memory_gib(QWEN7B, 4096, backend="transformers") > base
+    assert estimate_memory_gib(QWEN7B, 4096, kernels=PLAIN_KERNELS) > base
 
 
 @pytest.mark.parametrize(
@@ -124,8 +126,8 @@ def test_fast_without_a_gpu_packs_but_leaves_checkpointing():
 def test_fast_is_more_cautious_for_plain_transformers():
     config = Config()
     config.training.profile = "fast"
-    unsloth = apply_profile(config, 79.2, shape=QWEN7B, backend="unsloth")
-    plain = apply_profile(config, 79.2, shape=QWEN7B, backend="transformers")
+    unsloth = apply_profile(config, 79.2, shape=QWEN7B, kernels=FUSED_KERNELS)
+    plain = apply_profile(config, 79.2, shape=QWEN7B, kernels=PLAIN_KERNELS)
     assert plain.training.per_device_train_batch_size < unsloth.training.per_device_train_batch_size
 
 

@@ -1,7 +1,7 @@
 """A `modelcard` export format for qtune: README.md with the run's config, metrics and training data.
 
 Shipped as its own distribution to show an exporter plugin: it registers through the ``qtune``
-entry-point group and uses only qtune's public plugin surface.
+entry-point group and imports only qtune's plugin API, ``qtune.api``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qtune import hookimpl
-from qtune.fsutil import atomic_dir
-from qtune.types import Exporter, ExportResult
+from qtune.api import Exporter, ExportResult, atomic_dir, hookimpl
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:

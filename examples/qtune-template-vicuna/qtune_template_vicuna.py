@@ -1,7 +1,6 @@
 """Vicuna v1.1's conversation format as a qtune prompt template, shipped as its own package."""
 
-from qtune import hookimpl
-from qtune.types import PromptTemplate
+from qtune.api import PromptTemplate, hookimpl
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

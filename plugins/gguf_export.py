@@ -3,7 +3,7 @@
 * Conversion runs llama.cpp's own ``convert_hf_to_gguf.py`` (with its ``conversion/`` package and its
   own ``gguf-py``; PyPI's ``gguf`` lags behind the converter) in a subprocess. The three are taken
   once from the llama-cpp-python source distribution of exactly the installed llama_cpp version
-  and kept in ``qtune.models.cache_dir()/llama.cpp/VERSION/``, so converter and runtime always
+  and kept in ``qtune.api.cache_dir()/llama.cpp/VERSION/``, so converter and runtime always
   agree. ``QTUNE_LLAMA_CPP_DIR`` (or ``--llama-cpp-dir``) points at an existing llama.cpp checkout
   instead; ``QTUNE_LLAMA_CPP_SDIST`` at an already downloaded sdist (machines without PyPI).
 * Quantization calls ``llama_cpp.llama_model_quantize`` (the C API behind ``llama-quantize``).
@@ -25,13 +25,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import QtuneError
-from .fsutil import atomic_dir, atomic_file, check_free_space
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .run import FinishedRun
+from qtune.api import (
+    Exporter,
+    ExportResult,
+    FinishedRun,
+    QtuneError,
+    atomic_dir,
+    atomic_file,
+    cache_dir,
+    check_free_space,
+    free_memory,
+    hookimpl,
+    load_merged,
+    missing_modules,
+    save_merged,
+    verify_with,
+    weights_bytes,
+)
 
 INSTALL_HINT = "pip install 'qtune[gguf]'"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -69,10 +81,30 @@ GGUF_QUANTS: dict[str, GGUFQuant] = {
 QUANT_ALIASES = {"fp16": "f16", "float16": "f16", "bfloat16": "bf16", "fp32": "f32", "float32": "f32", "q8": "q8_0",
                  "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 
-
-def normalize_quant(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    return QUANT_ALIASES.get(key, key)
+# (minimum top-1, minimum top-5 agreement) with the trained model in llama.cpp, per quantization.
+# Each bound is set below what was measured on the random tiny Qwen2 (2 layers, hidden 256) and
+# SmolLM2-135M-Instruct (with a small random LoRA), top-1 / top-5; a random model's logits are
+# nearly flat, so rounding flips its arg max far more often than a real model's:
+#
+#     gguf f16     1.00 / 1.00   1.00 / 1.00      gguf q4_k_m  0.61 / 0.99   0.79-0.82 / 1.00
+#     gguf bf16    0.94 / 1.00   1.00 / 1.00      gguf q4_0    0.50 / 0.91   0.69 / 0.96
+#     gguf q8_0    0.93 / 1.00   0.99 / 1.00      gguf q3_k_m  0.63 / 0.92   0.88 / 1.00
+#     gguf q6_k    0.84 / 1.00   0.92 / 1.00      gguf q2_k    0.26 / 0.52   0.71 / 0.92
+#     gguf q5_k_m  0.83 / 1.00   0.85 / 1.00
+BOUNDS: dict[str, tuple[float, float]] = {
+    "f32": (0.99, 0.99),
+    "f16": (0.99, 0.99),
+    "bf16": (0.9, 0.99),
+    "q8_0": (0.85, 0.98),
+    "q6_k": (0.75, 0.95),
+    "q5_k_m": (0.7, 0.95),
+    "q5_k_s": (0.7, 0.95),
+    "q4_k_m": (0.5, 0.9),
+    "q4_k_s": (0.5, 0.9),
+    "q4_0": (0.45, 0.85),
+    "q3_k_m": (0.35, 0.75),
+    "q2_k": (0.2, 0.5),
+}
 
 
 # --------------------------------------------------------------------------- llama.cpp pieces
@@ -114,8 +146,6 @@ def converter_dir(llama_cpp_dir: str | Path | None = None) -> Path:
                 f"QTUNE_LLAMA_CPP_DIR at a llama.cpp checkout, or unset it to use the installed llama-cpp-python's converter"
             )
         return folder
-    from .models import cache_dir
-
     version = llama_cpp_version()
     folder = cache_dir() / "llama.cpp" / version
     if not (folder / CONVERTER).is_file():
@@ -453,8 +483,6 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
     bfloat16 for bf16, float32 for f32; for quantized types bfloat16 when the base checkpoint is
     bfloat16, else float16), converted, quantized when needed, and removed.
     """
-    from .merge import load_merged, save_merged, weights_bytes
-
     spec = GGUF_QUANTS[quant]
     llama_cpp_version()  # fail before any heavy work when llama-cpp-python is missing
     folder = converter_dir(llama_cpp_dir)
@@ -481,7 +509,7 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
         if normalize_byte_level_tokenizer(merged_dir / "tokenizer.json"):
             notes.append("tokenizer.json: byte_fallback turned off for the byte-level BPE (no effect on encoding)")
         del model
-        _free()
+        free_memory()
         timings["merge_s"] = time.perf_counter() - started
         with atomic_dir(dest) as out:
             started = time.perf_counter()
@@ -522,7 +550,7 @@ def normalize_byte_level_tokenizer(path: Path) -> bool:
     byte-level BPE. llama.cpp's converter, though, takes the flag for a SentencePiece vocabulary and
     writes one that aborts llama.cpp on non-ASCII text. Returns whether the file was changed.
 
-    qtune's own SmolLM2 asset is saved clean since asset recipe 2 (:mod:`qtune.assets`); this
+    qtune's own SmolLM2 asset is saved clean since asset recipe 2 (:mod:`qtune.plugins.demo_model`); this
     repair is for the runs whose adapter/ still holds such a tokenizer: runs trained on a recipe-1
     SmolLM2 (November 2026 builds), and any base model whose tokenizer came from transformers'
     GGUF conversion. Only a temporary copy is changed, never the run.
@@ -559,16 +587,8 @@ def _merged_dtype(run: FinishedRun, quant: str) -> str:
     return "bfloat16" if stored == "bfloat16" else "float16"
 
 
-def _free() -> None:
-    import gc
-
-    gc.collect()
-
-
 def verify_gguf(run: FinishedRun, gguf_path: Path, quant: str):
     """Compare the GGUF in llama.cpp with the trained model; also check EOS and the chat template."""
-    from .verify import verify_with
-
     def checks(reference) -> dict[str, bool]:
         metadata = gguf_metadata(gguf_path)
         tokenizer = reference.tokenizer
@@ -580,7 +600,7 @@ def verify_gguf(run: FinishedRun, gguf_path: Path, quant: str):
             result["chat template renders the prompt"] = _renders_prompt(embedded, run.template, tokenizer)
         return result
 
-    return verify_with(run, "gguf", quant, "llama.cpp", lambda prompts: gguf_logits(gguf_path, prompts), checks)
+    return verify_with(run, "gguf", quant, "llama.cpp", lambda prompts: gguf_logits(gguf_path, prompts), BOUNDS[quant], checks)
 
 
 def _renders_prompt(chat_template: str | None, template, tokenizer) -> bool:
@@ -598,3 +618,35 @@ def _renders_prompt(chat_template: str | None, template, tokenizer) -> bool:
         eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or "",
     )
     return rendered == template.render_prompt(example)
+
+
+class GGUFExporter(Exporter):
+    name = "gguf"
+    description = "llama.cpp / Ollama file with the run's chat template and a Modelfile (llama-cpp-python)"
+    quantizations = tuple(GGUF_QUANTS)
+    default_quantization = "q8_0"
+    quantization_aliases = QUANT_ALIASES
+    options = {"llama_cpp_dir": "use this llama.cpp checkout's converter instead of the installed llama-cpp-python's "
+                                "(or set QTUNE_LLAMA_CPP_DIR)"}
+    artifact_suffix = ".gguf"
+
+    def unavailable_reason(self):
+        if missing_modules("llama_cpp"):
+            return f"llama-cpp-python is not installed; install it with: {INSTALL_HINT}"
+        return missing_modules("torch", "transformers", "peft")
+
+    def export(self, run, out_dir: Path, quantization: str | None, llama_cpp_dir: str | Path | None = None) -> ExportResult:
+        quant = quantization or self.default_quantization
+        files, details = write_gguf(run, out_dir, quant, llama_cpp_dir)
+        return ExportResult(self.name, Path(out_dir), files, details)
+
+    def verify(self, run, result: ExportResult):
+        return verify_gguf(run, Path(result.details["gguf"]), result.details.get("quant"))
+
+    def stream_generate(self, path, prompt, *, max_new_tokens, stop):
+        return stream_generate(path, prompt, max_new_tokens=max_new_tokens, stop=stop)
+
+
+@hookimpl
+def register_exporters(register):
+    register(GGUFExporter())

@@ -1,0 +1,125 @@
+"""The plugin examples in docs/plugins.md, run as a stranger would use them: each file copied out of
+the docs into a plugin folder, then a real run that uses every one of them, an export whose verify
+passes, the same exporter broken so that its verify fails, and plugins that fail in each place."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from test_docs import doc_examples
+
+from helpers import ALPACA_ROWS, one_line_error, read_metrics, run_qtune, tiny_run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("doc-plugins")
+    for name, code in doc_examples().items():
+        (folder / name).write_text(code, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def doc_run(tmp_path_factory, tiny_qwen_dir, plugin_dir):
+    """A tiny LoRA run with the docs' template, loader, backend and callback."""
+    tmp = tmp_path_factory.mktemp("doc-run")
+    data = tmp / "qa.txt"
+    data.write_text("".join(f"{row['instruction']}\t{row['output']}\n" for row in ALPACA_ROWS), encoding="utf-8")
+    config = tiny_run_config(tmp, tiny_qwen_dir, data, name="docs", template="vicuna-docs",
+                             model={"backend": "fp32-docs"}, dataset={"loader": "qa-lines"},
+                             training={"max_steps": 3}, callbacks=["memory_monitor", {"name": "loss_csv", "options": {"filename": "losses.csv"}}])
+    result = run_qtune("run", config, "--no-progress", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp / "runs" / "docs"
+
+
+def test_the_examples_register_what_the_docs_say(plugin_dir):
+    result = run_qtune("plugins", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
+    assert result.returncode == 0, result.stderr
+    for name in ("vicuna-docs", "qa-lines", "my-qwen-0.5b", "fp32-docs", "loss_csv", "lora-fp16"):
+        assert name in result.stdout
+    models = json.loads(run_qtune("models", "--json", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)}).stdout)
+    mine = next(row for row in models if row["name"] == "my-qwen-0.5b")
+    # Qwen2.5-0.5B: 494M weights (Qwen's model card says 0.49B)
+    assert mine["params_b"] == 0.49 and mine["source"] == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_a_run_with_the_docs_template_loader_backend_and_callback(doc_run):
+    config = (doc_run / "config.yaml").read_text()
+    assert "backend: fp32-docs" in config and "template: vicuna-docs" in config
+    losses = [float(row["loss"]) for row in csv.DictReader((doc_run / "losses.csv").open())]
+    assert losses == [record["loss"] for record in read_metrics(doc_run) if "loss" in record]
+    assert len(losses) == 3
+    summary = json.loads((doc_run / "summary.json").read_text())
+    assert summary["loss_csv"].endswith("losses.csv")
+
+
+def test_the_docs_command_counts_the_adapter(doc_run, plugin_dir):
+    result = run_qtune("adapter-size", doc_run, env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
+    assert result.returncode == 0, result.stderr
+    # r=8 on the seven projections of the tiny Qwen2 (hidden 256, 2 of 4 heads' width for k/v = 128,
+    # intermediate 512), 2 layers: r * (in + out) per module
+    per_layer = 8 * ((256 + 256) + (256 + 128) + (256 + 128) + (256 + 256) + (256 + 512) + (256 + 512) + (512 + 256))
+    assert result.stdout.strip() == f"{2 * per_layer} LoRA weights"
+
+
+def test_the_docs_exporter_verifies_in_transformers(doc_run, plugin_dir):
+    result = run_qtune("export", doc_run, "--format", "lora-fp16", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
+    assert result.returncode == 0, result.stderr
+    record = json.loads((doc_run / "exports" / "exports.json").read_text())["lora-fp16"]
+    assert record["verify"]["passed"] is True and record["verify"]["top1_agreement"] >= 0.97
+    from safetensors.torch import load_file
+
+    tensors = load_file(doc_run / "exports" / "lora-fp16" / "adapter_model.safetensors")
+    assert {str(t.dtype) for t in tensors.values()} == {"torch.float16"}
+
+
+def test_a_broken_export_fails_its_verify_with_one_line(doc_run, tmp_path):
+    broken = tmp_path / "plugins"
+    broken.mkdir()
+    code = doc_examples()["lora_fp16_export.py"]
+    assert "v.half()" in code
+    # An exporter bug: the adapter's weights scaled while converting. The files load fine; only the
+    # comparison with the trained model can tell.
+    (broken / "lora_fp16_export.py").write_text(code.replace("v.half()", "(v * 30).half()"), encoding="utf-8")
+    result = run_qtune("export", doc_run, "--format", "lora-fp16", "--out", tmp_path / "out",
+                       env={"QTUNE_PLUGINS_DIR": str(broken)})
+    line = one_line_error(result)
+    assert "verification of the lora-fp16 export failed" in line and "top-1 agreement" in line
+    record = json.loads((doc_run / "exports" / "exports.json").read_text())["out"]
+    assert record["verify"]["passed"] is False
+
+
+FAILING = {
+    "register": ("from qtune.api import hookimpl\n\n@hookimpl\ndef register_templates(register):\n    raise KeyError('oops')\n",
+                 ["plugins"], "failed in register_templates: KeyError: 'oops'"),
+    "import": ("import qtune_no_such_module\n", ["plugins"], "failed in loading: ModuleNotFoundError"),
+    "export": ("from qtune.api import Exporter, hookimpl\n\nclass E(Exporter):\n    name = 'bad'\n"
+               "    def export(self, run, out_dir, quantization):\n        return 1 / 0\n\n"
+               "@hookimpl\ndef register_exporters(register):\n    register(E())\n",
+               ["export", "{run}", "-f", "bad"], "failed in exporting bad: ZeroDivisionError: division by zero"),
+    "verify": ("from pathlib import Path\nfrom qtune.api import Exporter, ExportResult, atomic_dir, hookimpl\n\n"
+               "class E(Exporter):\n    name = 'bad'\n    def export(self, run, out_dir, quantization):\n"
+               "        with atomic_dir(out_dir) as tmp:\n            (tmp / 'x').write_text('x')\n"
+               "        return ExportResult(self.name, Path(out_dir))\n"
+               "    def verify(self, run, result):\n        return {'passed': False}\n\n"
+               "@hookimpl\ndef register_exporters(register):\n    register(E())\n",
+               ["export", "{run}", "-f", "bad"], "returned dict from verify(); it must return a qtune.api.VerifyReport"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(FAILING))
+def test_a_failing_plugin_ends_in_one_line_naming_it(where, doc_run, tmp_path):
+    code, args, expected = FAILING[where]
+    (tmp_path / "broken_plugin.py").write_text(code, encoding="utf-8")
+    args = [str(doc_run) if a == "{run}" else a for a in args]
+    env = {"QTUNE_PLUGINS_DIR": str(tmp_path)}
+    line = one_line_error(run_qtune(*args, env=env))
+    assert f"plugin {str(tmp_path / 'broken_plugin.py')!r} (distribution (plugin dir))" in line
+    assert expected in line
+    debug = run_qtune("--debug", *args, env=env)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and expected in debug.stderr
