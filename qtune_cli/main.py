@@ -150,7 +150,7 @@ def generate(run_dir: Path, instruction: str, input_text: str, system: str | Non
              stream: bool):
     """Answer an instruction with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
     example = {"instruction": instruction, "input": input_text, **({"system": system} if system else {})}
-    if run_dir.is_file() or run_dir.suffix:
+    if not run_dir.is_dir() and (run_dir.is_file() or run_dir.suffix):
         pieces = _artifact_pieces(run_dir, example, max_new_tokens)
     else:
         from qtune.run import FinishedRun

@@ -81,15 +81,19 @@ def test_the_docs_exporter_verifies_in_transformers(doc_run, plugin_dir):
 def test_a_broken_export_fails_its_verify_with_one_line(doc_run, tmp_path):
     broken = tmp_path / "plugins"
     broken.mkdir()
-    code = doc_examples()["lora_fp16_export.py"]
-    assert "v.half()" in code
-    # An exporter bug: the adapter's weights scaled while converting. The files load fine; only the
-    # comparison with the trained model can tell.
-    (broken / "lora_fp16_export.py").write_text(code.replace("v.half()", "(v * 30).half()"), encoding="utf-8")
+    for name, code in doc_examples().items():
+        if name == "lora_fp16_export.py":
+            assert "v.half()" in code
+            # An exporter bug: the adapter's weights scaled while converting. The files load fine;
+            # only the comparison with the trained model can tell.
+            code = code.replace("v.half()", "(v * 30).half()")
+        (broken / name).write_text(code, encoding="utf-8")
     result = run_qtune("export", doc_run, "--format", "lora-fp16", "--out", tmp_path / "out",
                        env={"QTUNE_PLUGINS_DIR": str(broken)})
-    line = one_line_error(result)
-    assert "verification of the lora-fp16 export failed" in line and "top-1 agreement" in line
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    # the progress and the verify table come first; the error is the last line, and names the check
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: verification of the lora-fp16 export failed") and "top-1 agreement" in line, result.stderr
     record = json.loads((doc_run / "exports" / "exports.json").read_text())["out"]
     assert record["verify"]["passed"] is False
 
@@ -108,7 +112,7 @@ FAILING = {
                "        return ExportResult(self.name, Path(out_dir))\n"
                "    def verify(self, run, result):\n        return {'passed': False}\n\n"
                "@hookimpl\ndef register_exporters(register):\n    register(E())\n",
-               ["export", "{run}", "-f", "bad"], "returned dict from verify(); it must return a qtune.api.VerifyReport"),
+               ["export", "{run}", "-f", "bad", "--out", "{out}"], "returned dict from verify(); it must return a qtune.api.VerifyReport"),
 }
 
 
@@ -116,10 +120,18 @@ FAILING = {
 def test_a_failing_plugin_ends_in_one_line_naming_it(where, doc_run, tmp_path):
     code, args, expected = FAILING[where]
     (tmp_path / "broken_plugin.py").write_text(code, encoding="utf-8")
-    args = [str(doc_run) if a == "{run}" else a for a in args]
     env = {"QTUNE_PLUGINS_DIR": str(tmp_path)}
-    line = one_line_error(run_qtune(*args, env=env))
+
+    def command(attempt):
+        return [{"{run}": str(doc_run), "{out}": str(tmp_path / f"out-{attempt}")}.get(a, a) for a in args]
+
+    result = run_qtune(*command(1), env=env)
+    if where == "verify":  # the export itself succeeded and said so; the error is the last line
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+    else:
+        line = one_line_error(result)
     assert f"plugin {str(tmp_path / 'broken_plugin.py')!r} (distribution (plugin dir))" in line
     assert expected in line
-    debug = run_qtune("--debug", *args, env=env)
+    debug = run_qtune("--debug", *command(2), env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and expected in debug.stderr
