@@ -3,8 +3,8 @@
 One script, one GPU call (~1.5 minutes on an H100 with the default 1.5B shape: 58.5 s for the script,
 2026-11-28, plus unpacking the bundle):
 
-1. a random-weight checkpoint of a real Qwen2.5 shape (``assets.qwen25_shape_config``) is
-   built on the GPU in bf16 with the real Qwen2.5 tokenizer from ``.bench/tokenizer``;
+1. a random-weight checkpoint of a real Qwen2.5 shape is built on the GPU in bf16 with the real
+   Qwen2.5 tokenizer from ``.bench/tokenizer`` (benchmarks/checkpoints.py);
 2. ``qtune.pipeline.run`` trains a LoRA adapter on it in 4-bit (QLoRA: backend transformers,
    ``model.load_in_4bit: true``, NF4 + double quantization, bf16 compute) for a few steps on
    qtune's generated demo tasks, writing an ordinary run directory;
@@ -58,19 +58,14 @@ import sys
 import time
 from pathlib import Path
 
-# The Qwen2.5 tokenizer and shape builders are test fixtures (tests/assets.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402  (benchmarks/checkpoints.py, next to this script)
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-BENCH_DIR = ROOT / ".bench"
+ROOT = checkpoints.ROOT
 BUNDLE = ROOT / ".gpu-bundle" / "site.tgz"
 MAKE_BUNDLE = ROOT.parent / "shared" / "device" / "make-bundle.sh"
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/qtune-merge4"))
 GIB = 1024**3
-# A tiny shape for CPU smoke tests (widths multiples of 64 for bitsandbytes, of 256 for llama.cpp).
-TINY_SHAPE = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True)
 
 
 # --------------------------------------------------------------------------- prepare (CPU machine)
@@ -79,15 +74,7 @@ TINY_SHAPE = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num
 def prepare(args: argparse.Namespace) -> None:
     """The Qwen2.5 base tokenizer into .bench/tokenizer and the GPU bundle into .gpu-bundle/."""
     _use_checkout()
-    from assets import qwen25_tokenizer
-
-    BENCH_DIR.mkdir(exist_ok=True)
-    exclude = ROOT / ".git" / "info" / "exclude"
-    if exclude.parent.is_dir() and "/.bench/" not in (exclude.read_text() if exclude.is_file() else "").split():
-        with open(exclude, "a") as handle:
-            handle.write("/.bench/\n")
-    tokenizer_dir = qwen25_tokenizer(instruct=False, dest=BENCH_DIR / "tokenizer")  # reused when current
-    print(f"prepared {tokenizer_dir}")
+    print(f"prepared {checkpoints.prepare()}")
     if args.no_bundle:
         return
     if BUNDLE.is_file() and not args.rebuild_bundle:
@@ -140,32 +127,6 @@ def _peaks() -> dict:
         return {"peak_allocated_gib": None, "peak_reserved_gib": None}
     return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)}
-
-
-def build_base(shape: str, dest: Path) -> dict:
-    """A random-weight bf16 checkpoint of a Qwen2.5 shape, built on the GPU, with the real tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from assets import _qwen25_config, qwen25_shape_config
-
-    tokenizer_dir = BENCH_DIR / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        sys.exit(f"{tokenizer_dir} is missing: run `python benchmarks/gpu_merge_4bit.py prepare` on the CPU machine and carry .bench")
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = _qwen25_config(**TINY_SHAPE) if shape == "tiny" else qwen25_shape_config(shape)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    with torch.device(_device()):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    del model
-    _empty_cache()
-    return {"shape": shape, "params": params, "build_s": round(time.perf_counter() - started, 1)}
 
 
 def train_config(base: Path, args: argparse.Namespace):
@@ -313,7 +274,8 @@ def run(args: argparse.Namespace) -> None:
         info.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(torch.cuda.get_device_properties(0).total_memory / GIB, 1))
     total = time.perf_counter()
     base = WORK / f"qwen2.5-{args.shape}-shape-bf16"
-    info.update(build_base(args.shape, base))
+    info.update(checkpoints.build(base, args.shape))
+    _empty_cache()
     info["base_gib"] = round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / GIB, 3)
     print(json.dumps({"base": info}), flush=True)
 

@@ -142,32 +142,6 @@ def batch_tokens(inputs) -> Any:
     return int(ids.numel()) if ids is not None else 0
 
 
-#: stack slots (8 bytes each) reserved by :func:`call_with_frame_room`'s frame: ~512 KiB
-FRAME_ROOM_SLOTS = 1 << 16
-
-
-def call_with_frame_room(function, *args, **kwargs):
-    """``function(*args, **kwargs)``, called from a frame that reserves ~512 KiB of CPython's frame
-    stack (its ``co_stacksize`` is raised below), so every frame the call makes fits in one chunk.
-
-    CPython 3.11+ keeps Python frames in 16 KiB chunks; a call that does not fit in the current chunk
-    maps a new one, and its return unmaps it (python/cpython#142183: since March 2026 the main branch
-    and 3.13 cache one chunk; 3.12 does not). A training loop whose hot call chains cross a chunk boundary
-    pays an mmap, page faults and an munmap on every crossing. Where the boundaries fall depends on
-    how deep the caller's stack already is, so `qtune run` (CLI, pipeline) and a notebook cell hit
-    them at different places. On an H100 (Python 3.12), `qtune run`'s main thread took 6,994 page
-    faults per optimizer step without this frame and 2,228 with it, the notebook ~2,200
-    (docs/benchmarks.md). A frame this large gets a chunk of its own with room to spare: the stack
-    memory is only reserved, and pages are touched as frames use them.
-    """
-    return function(*args, **kwargs)
-
-
-call_with_frame_room.__code__ = call_with_frame_room.__code__.replace(
-    co_stacksize=call_with_frame_room.__code__.co_stacksize + FRAME_ROOM_SLOTS
-)
-
-
 def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
     """A transformers TrainerCallback that forwards the trainer's events to qtune's callbacks."""
     from transformers import TrainerCallback
@@ -357,7 +331,7 @@ def train(run: RunContext, model, tokenizer, train_dataset, callbacks: list[Trai
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     try:
-        result = call_with_frame_room(trainer.train, resume_from_checkpoint=resume_from)
+        result = trainer.train(resume_from_checkpoint=resume_from)
     except Exception as error:
         if is_out_of_memory(error):
             raise out_of_memory_error(error, run.config) from None

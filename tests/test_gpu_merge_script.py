@@ -22,7 +22,7 @@ def test_gpu_merge_script_runs_on_cpu(tmp_path, monkeypatch, qwen_tokenizer_dir,
     (bench / "tokenizer").mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (bench / "tokenizer" / name).write_bytes((qwen_tokenizer_dir / name).read_bytes())
-    monkeypatch.setattr(script, "BENCH_DIR", bench)
+    monkeypatch.setattr(script.checkpoints, "BENCH_DIR", bench)  # the shared checkpoint builder reads the tokenizer there
     monkeypatch.setattr(script, "WORK", tmp_path / "work")
     script.main(["run", "--out", str(tmp_path / "out"), "--shape", "tiny", "--steps", "2", "--allow-cpu"])
     result = json.loads((tmp_path / "out" / "gpu_merge_4bit.json").read_text())

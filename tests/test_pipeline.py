@@ -152,34 +152,3 @@ def test_generate_streams_an_answer(trained_run):
     whole = run_cli("generate", run_dir, "-i", "Add the numbers.", "--input", "2 + 3", "--max-new-tokens", "5", "--no-stream")
     assert streamed.exit_code == 0 and whole.exit_code == 0, streamed.output + whole.output
     assert streamed.output.strip() == whole.output.strip() != ""
-
-
-def test_call_with_frame_room_stops_cpython_frame_chunk_thrashing():
-    # CPython (3.11, 3.12) maps a 16 KiB chunk for the frames of a call that crosses a chunk boundary
-    # and unmaps it on return (python/cpython#142183). At the wrong stack depth, every call of a hot
-    # loop pays an mmap, a page fault and an munmap; from call_with_frame_room's frame none does.
-    import resource
-
-    from qtune.training import call_with_frame_room
-
-    def faults():
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-
-    def chain(n):
-        return chain(n - 1) if n else 0
-
-    def hot_loop():
-        before = faults()
-        for _ in range(2000):
-            chain(8)
-        return faults() - before
-
-    def at_depth(depth, function, *args):
-        return at_depth(depth - 1, function, *args) if depth else function(*args)
-
-    worst = max(at_depth(d, hot_loop) for d in range(200))
-    if worst < 1000:
-        pytest.skip(f"this CPython keeps a spare frame chunk (gh-142183 fixed): {worst} faults at worst")
-    # whatever the depth of the caller's stack
-    assert max(at_depth(d, call_with_frame_room, hot_loop) for d in range(200)) < 100
-    assert call_with_frame_room(lambda a, b=0: a + b, 1, b=2) == 3
