@@ -49,8 +49,9 @@ def build(dest: Path, shape: str, nf4: bool = False) -> dict:
     saved again as a bitsandbytes NF4 checkpoint (double quantization, bf16 compute) like Unsloth's
     ``-bnb-4bit`` uploads, embeddings and head left in 16-bit. Returns facts for the report."""
     import torch
-    from assets import TOKENIZER_FILES, _eos_and_pad_ids, _qwen25_config, qwen25_shape_config
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from assets import TOKENIZER_FILES, _eos_and_pad_ids, _qwen25_config, qwen25_shape_config
 
     tokenizer_dir = BENCH_DIR / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
