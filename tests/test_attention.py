@@ -263,3 +263,20 @@ def test_unsloth_patch_applies_to_the_version_it_knows_only(monkeypatch):
     own = object()
     dispatch._TORCH_VARLEN_ATTN = own
     assert enable_unsloth_varlen() is None and dispatch._TORCH_VARLEN_ATTN is own
+
+
+def test_the_fast_profile_says_why_varlen_was_not_chosen(tiny_qwen_dir):
+    import io
+
+    from rich.console import Console
+
+    from qtune.pipeline import _apply_profile
+    from qtune.plugins.transformers_backend import TransformersBackend
+
+    config = fast_config(name=str(tiny_qwen_dir))
+    console = Console(file=io.StringIO(), width=300)
+    applied = _apply_profile(config, TransformersBackend(), console)
+    printed = console.file.getvalue()
+    assert applied.model.attention == "default"
+    assert "model.attention: 'auto' -> 'default'" in printed
+    assert "note: varlen attention not chosen: no CUDA GPU" in printed  # this machine has no GPU
