@@ -5,6 +5,10 @@ so a third-party plugin written against this module uses exactly what the built-
 it loads no ML library: the functions import torch, transformers or peft when called.
 """
 
+# Variable-length attention for packed batches (qtune.attention): the kernel with torch 2.12's
+# signature, whether a loaded model can use it here, and its transformers registration.
+from .attention import model_varlen_reason, register_transformers_varlen, varlen_attention
+
 # The hook marker, and the objects the register_* hooks take.
 # The machine: packages, GPUs, memory.
 from .backends import cuda_device_count, cuda_total_memory_gib, current_memory_gib, missing_modules
@@ -45,6 +49,6 @@ __all__ = [
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_total_memory_gib",
     "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line", "free_memory", "hookimpl",
-    "load_merged", "missing_modules", "nf4_config", "prepare_tokenizer", "read_json_dict", "reference_dtype", "save_merged",
+    "load_merged", "missing_modules", "model_varlen_reason", "register_transformers_varlen", "varlen_attention", "nf4_config", "prepare_tokenizer", "read_json_dict", "reference_dtype", "save_merged",
     "seed_memory_gib", "torch_dtype", "training_quantization", "verify_hf_model", "verify_with", "weights_bytes",
 ]

@@ -74,6 +74,26 @@ def cuda_total_memory_gib(device: int = 0) -> float | None:
     return total.value / 1024**3
 
 
+#: cuDeviceGetAttribute's CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
+_CAPABILITY_ATTRIBUTES = (75, 76)
+
+
+def cuda_capability(device: int = 0) -> tuple[int, int] | None:
+    """Compute capability (major, minor) of CUDA device ``device``, or None without a usable GPU."""
+    import ctypes
+
+    driver, handle = _libcuda(), ctypes.c_int(0)
+    if driver is None or driver.cuDeviceGet(ctypes.byref(handle), device) != 0:
+        return None
+    values = []
+    for attribute in _CAPABILITY_ATTRIBUTES:
+        value = ctypes.c_int(0)
+        if driver.cuDeviceGetAttribute(ctypes.byref(value), attribute, handle) != 0:
+            return None
+        values.append(value.value)
+    return values[0], values[1]
+
+
 def missing_modules(*modules: str) -> str | None:
     """``"X is not installed"`` for the first of ``modules`` that cannot be imported, else None
     (found without importing anything): what ``unavailable_reason`` methods report."""

@@ -32,6 +32,10 @@ class ModelConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     load_in_4bit: bool = True
     trust_remote_code: bool = False
+    #: auto: the fast profile picks varlen where it runs, else the backend's default; varlen: one
+    #: variable-length attention call per layer on packed batches (qtune.attention); default: the
+    #: backend's own attention
+    attention: Literal["auto", "default", "varlen"] = "auto"
 
 
 class LoraConfig(Section):
@@ -81,6 +85,9 @@ class TrainingConfig(Section):
     #: seed: the settings as written; fast: packing, a bigger micro-batch and, where memory allows,
     #: no gradient checkpointing (qtune.profiles.apply_profile; docs/benchmarks.md)
     profile: Literal["seed", "fast"] = "seed"
+    #: GPU memory (GiB) the fast profile plans for when less than the card's (a shared GPU, or
+    #: sizing a run for a smaller card on a larger one); none: the whole card
+    memory_budget_gib: Optional[float] = Field(None, gt=0)
     train_on_responses_only: bool = False
     #: runs are written to OUTPUT_DIR/RUN_NAME
     output_dir: str = "runs"

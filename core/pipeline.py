@@ -243,12 +243,18 @@ def _apply_profile(config: Config, backend, console) -> Config:
     """Resolve ``training.profile`` for the GPU at hand; the run directory keeps the result."""
     if config.training.profile == "seed":
         return config
+    from .attention import varlen_machine_reason
     from .backends import cuda_total_memory_gib
-    from .profiles import apply_profile, profile_changes
+    from .profiles import apply_profile, attention_choice, model_shape_for, profile_changes
 
-    applied = apply_profile(config, cuda_total_memory_gib(), kernels=backend.memory_traits)
+    machine = varlen_machine_reason()
+    shape = model_shape_for(config.model.name)
+    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits, varlen_unavailable=machine)
     changes = profile_changes(config, applied)
     console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
+    _, why_not = attention_choice(config, shape, machine)
+    if why_not:
+        console.print(f"[cyan]note:[/] varlen attention not chosen: {why_not}", soft_wrap=True)
     return applied
 
 
@@ -264,6 +270,10 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
         model, tokenizer = load_model(backend, config, ctx.model_path)
     ctx.model, ctx.tokenizer = model, tokenizer
     ctx.device = str(getattr(model, "device", "cpu"))
+    attention = backend.attention_in_use(model, config)
+    if attention:
+        ctx.summary["attention"] = attention
+        console.print(f"attention: {attention}", soft_wrap=True)
     from .quantization import describe_quantization
 
     # what the base was trained as, and where: exports are verified against the same base

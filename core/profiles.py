@@ -21,7 +21,11 @@
       (``batch x accumulation x max_seq_length``, 2 x 4 x 2048 = 16,384 tokens): packed rows fill
       that capacity with real tokens where the seed's padded rows mostly held padding, so an
       optimizer step sees more examples (about 8x on Alpaca, whose examples average ~200 tokens).
-      ``max_steps`` is kept: a fast run of N steps trains on more data than a seed run of N steps.
+      ``max_steps`` is kept: a fast run of N steps trains on more data than a seed run of N steps;
+    * ``model.attention: auto`` becomes ``varlen`` (one variable-length attention call per layer on
+      packed batches, :mod:`qtune.attention`) where the torch build, the GPU and the model's heads
+      allow it (:func:`attention_choice`), else ``default`` (the backend's own attention);
+    * memory is planned for ``training.memory_budget_gib`` where that is less than the card's.
 
 Nothing here imports torch: the estimate is arithmetic on the model's shape.
 """
@@ -35,6 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
+
+from .attention import NOT_CHECKED
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
@@ -255,11 +261,38 @@ def _shape_from_file(path: Path) -> Optional[ModelShape]:
 # --- profiles ------------------------------------------------------------------------------------
 
 
+def planned_memory_gib(gpu_total_gib: Optional[float], budget_gib: Optional[float]) -> Optional[float]:
+    """The memory a profile plans for: the card's, or ``training.memory_budget_gib`` where smaller
+    (the budget alone without a GPU, so plans for a card can be made anywhere)."""
+    known = [value for value in (gpu_total_gib, budget_gib) if value is not None]
+    return min(known) if known else None
+
+
+def attention_choice(config: Config, shape: Optional[ModelShape], varlen_unavailable: Optional[str]) -> tuple[str, Optional[str]]:
+    """``(model.attention after the fast profile, why varlen was not chosen or None)``.
+
+    ``varlen_unavailable`` is the machine's reason (:func:`qtune.attention.varlen_machine_reason`),
+    None when the torch build and the GPU have the kernel. Only ``auto`` is resolved: ``varlen`` and
+    ``default`` are the user's choice and stay (a backend that cannot honour ``varlen`` says so)."""
+    from .attention import varlen_unsupported_reason
+
+    chosen = config.model.attention
+    if chosen != "auto":
+        return chosen, None
+    reason = varlen_unavailable
+    if reason is None and shape is not None:
+        reason = varlen_unsupported_reason(
+            has_kernel=True, capability=(8, 0), head_dim=shape.dim_per_head, heads=shape.heads, kv_heads=shape.kv_heads, dtype=config.model.dtype
+        )
+    return ("default", reason) if reason else ("varlen", None)
+
+
 def apply_profile(
     config: Config,
     gpu_total_gib: Optional[float],
     shape: Optional[ModelShape] = None,
     kernels: MemoryTraits = FUSED_KERNELS,
+    varlen_unavailable: Optional[str] = NOT_CHECKED,
 ) -> Config:
     """Return a copy of ``config`` with ``config.training.profile`` applied (see the module doc).
 
@@ -268,6 +301,9 @@ def apply_profile(
     :func:`model_shape_for` of ``config.model.name``; without one the fast profile keeps
     checkpointing on, which fits wherever the seed fits. ``kernels`` are the memory traits of the
     backend that will run (:class:`MemoryTraits`); the estimate for plain kernels is more cautious.
+    ``varlen_unavailable``: why this machine cannot run the varlen attention kernel, None when it
+    can (:func:`attention_choice`); by default the machine counts as unchecked and keeps the
+    backend's attention.
     """
     profile = getattr(config.training, "profile", "seed")
     new = config.model_copy(deep=True)
@@ -282,8 +318,9 @@ def apply_profile(
     rows, checkpointing = target_rows, config.lora.gradient_checkpointing
     if shape is None:
         shape = model_shape_for(config.model.name)
-    if gpu_total_gib is not None and shape is not None:
-        budget = gpu_total_gib * MEMORY_HEADROOM_FRACTION
+    planned = planned_memory_gib(gpu_total_gib, train.memory_budget_gib)
+    if planned is not None and shape is not None:
+        budget = planned * MEMORY_HEADROOM_FRACTION
 
         def fits(n: int, ckpt: Union[bool, str]) -> bool:
             need = estimate_memory_gib(
@@ -303,6 +340,7 @@ def apply_profile(
     new.training.per_device_train_batch_size = rows
     new.training.gradient_accumulation_steps = max(1, round(seed_capacity / rows))
     new.lora.gradient_checkpointing = checkpointing
+    new.model.attention = attention_choice(config, shape, varlen_unavailable)[0]
     return new
 
 

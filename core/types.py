@@ -124,6 +124,12 @@ class Backend:
     def for_inference(self, model: Any) -> Any:
         return model
 
+    def attention_in_use(self, model: Any, config: Config) -> str | None:
+        """One line naming the attention ``model`` (just loaded) trains with, printed and kept in the
+        run's summary: ``varlen (...)`` where ``config.model.attention`` got it, else the backend's
+        default and, when varlen was asked for, why not. None: say nothing."""
+        return None
+
 
 class TrainingCallback:
     """Lifecycle hooks of one run. Subclass, set ``name``, override what you need.

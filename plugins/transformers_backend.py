@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtune.api import Backend, hookimpl, missing_modules, nf4_config
+from qtune.api import Backend, hookimpl, missing_modules, model_varlen_reason, nf4_config, register_transformers_varlen
 
 
 def resolve_dtype(name: str):
@@ -35,12 +35,33 @@ class TransformersBackend(Backend):
             return None
         return nf4_config(dtype)  # exports and their verification rebuild the same 4-bit base
 
+    def _attention_implementation(self, config, model_path, dtype) -> str:
+        """transformers' SDPA, or qtune's varlen function where ``model.attention: varlen`` and the
+        model and machine allow it (``self._attention`` says which, and why not)."""
+        self._attention = "default (sdpa)"
+        if config.model.attention != "varlen":
+            return "sdpa"
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        why_not = model_varlen_reason(model_config, dtype)
+        if why_not:
+            self._attention = f"default (sdpa); varlen not used: {why_not}"
+            return "sdpa"
+        name = register_transformers_varlen()
+        self._attention = f"varlen ({name}: one torch varlen_attn call per layer on packed batches, sdpa otherwise)"
+        return name
+
+    def attention_in_use(self, model, config):
+        return getattr(self, "_attention", None)
+
     def load(self, config, model_path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = resolve_dtype(config.model.dtype)
         quantization = self._quantization(config, dtype)
+        attention = self._attention_implementation(config, model_path, dtype)
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
             dtype=dtype,
@@ -48,7 +69,7 @@ class TransformersBackend(Backend):
             device_map={"": 0} if torch.cuda.is_available() else None,
             trust_remote_code=config.model.trust_remote_code,
             use_safetensors=True,  # never unpickle .bin weights
-            attn_implementation="sdpa",
+            attn_implementation=attention,
         )
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
         return model, tokenizer

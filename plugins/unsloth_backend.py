@@ -7,6 +7,14 @@ imported after it), and before torch allocates GPU memory (it turns on the alloc
 segments first). The pipeline therefore loads the model before it imports trl, and
 :meth:`UnslothBackend.unavailable_reason` looks for a GPU without importing torch.
 
+Variable-length attention (``model.attention: varlen``, chosen by the fast profile): Unsloth 2026.10.9
+already routes a packed batch through one ``varlen_attn`` call per layer (``_torch_varlen_packed`` in
+``unsloth/utils/attention_dispatch.py``), but only on torch 2.12+, whose ``varlen_attn`` has
+``enable_gqa``; on torch 2.10/2.11 it runs SDPA once per run of equal lengths (~38 calls per layer
+on Alpaca rows). :func:`enable_unsloth_varlen` hands that dispatch :func:`qtune.api.varlen_attention`,
+the same kernel with 2.12's signature, and changes nothing else. It checks the Unsloth version it
+knows (:data:`KNOWN_UNSLOTH`) and leaves any other alone, with a one-line note.
+
 On a machine without a CUDA GPU Unsloth falls back to plain transformers + peft + trl on the CPU
 (slow, but the same calls); qtune only allows that when ``QTUNE_UNSLOTH_ALLOW_CPU=1`` (tests).
 """
@@ -20,9 +28,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from qtune.api import FUSED_KERNELS, Backend, cuda_device_count, hookimpl
+from qtune.api import FUSED_KERNELS, Backend, cuda_device_count, hookimpl, model_varlen_reason, varlen_attention
 
 ALLOW_CPU_ENV = "QTUNE_UNSLOTH_ALLOW_CPU"
+#: the Unsloth release whose attention dispatch enable_unsloth_varlen knows
+KNOWN_UNSLOTH = "2026.10.9"
+VARLEN = "varlen (torch varlen_attn: one call per layer on packed batches, through Unsloth's attention dispatch)"
+DEFAULT = "default (Unsloth's attention dispatch)"
 #: modules that ``import unsloth`` patches; importing any of them first loses Unsloth's optimizations
 PATCHED_MODULES = ("trl", "transformers", "peft")
 
@@ -55,6 +67,27 @@ def import_unsloth():
     from unsloth import FastLanguageModel
 
     return FastLanguageModel
+
+
+def enable_unsloth_varlen() -> str | None:
+    """Let Unsloth's attention dispatch run packed batches with one varlen call per layer (module doc);
+    None when it does, else why not (one clause). Process-wide: call it only for a run that wants it."""
+    import unsloth
+
+    version = getattr(unsloth, "__version__", "unknown")
+    if version != KNOWN_UNSLOTH:
+        return f"qtune's varlen patch knows Unsloth {KNOWN_UNSLOTH}, not {version}"
+    try:
+        from unsloth.utils import attention_dispatch as dispatch
+    except ImportError as error:  # Unsloth's CPU fallback has no attention dispatch
+        return f"Unsloth's attention dispatch did not import ({error})"
+    if dispatch.HAS_FLASH_ATTENTION:
+        return None  # flash-attn is installed: Unsloth's packed path is FlashAttention's varlen already
+    if dispatch._TORCH_VARLEN_ATTN is None:  # torch 2.10/2.11: no enable_gqa, so Unsloth left it off
+        dispatch._TORCH_VARLEN_ATTN = varlen_attention
+        # read at call time by select_attention_backend: a working xformers no longer wins packed calls
+        dispatch._NATIVE_BEATS_XFORMERS = dispatch._native_beats_xformers(dispatch._visible_capabilities(), True)
+    return None
 
 
 class UnslothBackend(Backend):
@@ -93,7 +126,15 @@ class UnslothBackend(Backend):
         )
 
     def load(self, config, model_path):
-        return self._from_pretrained(config, model_path)
+        model, tokenizer = self._from_pretrained(config, model_path)
+        self._attention = DEFAULT
+        if config.model.attention == "varlen":
+            why_not = model_varlen_reason(model.config, getattr(model, "dtype", None)) or enable_unsloth_varlen()
+            self._attention = f"{DEFAULT}; varlen not used: {why_not}" if why_not else VARLEN
+        return model, tokenizer
+
+    def attention_in_use(self, model, config):
+        return getattr(self, "_attention", None)
 
     def add_lora(self, model, config):
         FastLanguageModel = import_unsloth()
