@@ -120,7 +120,7 @@ def llama_cpp_greedy(gguf, prompt: str, max_new_tokens: int) -> str:
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, logits_all=True, verbose=False)  # keep the scores
     try:
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         llm.eval(tokens)
