@@ -66,3 +66,17 @@ def test_a_float16_merge_that_overflows_fails_verification(run_dir):
     wide = run_qtune("export", run_dir, "--format", "merged-16bit", "--quant", "fp32")
     assert wide.returncode == 0, wide.stderr
     assert record(run_dir, "merged-16bit-fp32")["verify"]["passed"] is True
+
+
+def test_nan_logits_never_pass_verification():
+    """An adapter with NaN weights gives NaN logits on both sides of the comparison: numpy's arg max
+    of NaNs is index 0 on both, so top-1 reads 1.0; the report must fail all the same."""
+    import numpy as np
+
+    from qtune.verify import VerifyReport, compare
+
+    reference = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32)
+    nan = np.full_like(reference, np.nan)
+    report = VerifyReport("lora", None, "transformers + peft", "peft float32", min_top1=0.99, min_top5=0.99)
+    report.prompts.append(compare(list(range(6)), nan, list(range(6)), nan))  # a NaN model on both sides
+    assert not report.passed
