@@ -99,7 +99,7 @@ class UnslothBackend(Backend):
 
     def unavailable_reason(self, config):
         if importlib.util.find_spec("unsloth") is None:
-            return "unsloth is not installed (pip install 'qtune[gpu]')"
+            return "unsloth is not installed (pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9, as README's CUDA lines say)"
         if os.environ.get(ALLOW_CPU_ENV) == "1":
             return None
         if importlib.util.find_spec("torch") is None:
