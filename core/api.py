@@ -26,7 +26,7 @@ from .quantization import DTYPES, disable_bnb_cpu_repacking, nf4_config, torch_d
 
 # What a run looks like to callbacks (RunContext) and to exporters and commands (FinishedRun).
 from .run import FinishedRun, RunContext
-from .types import Backend, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
+from .types import Backend, ChatTemplate, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
 
 # Verifying an export against the trained model.
 from .verify import (
@@ -41,7 +41,7 @@ from .verify import (
 )
 
 __all__ = [
-    "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "MemoryTraits", "PLAIN_KERNELS", "Backend", "ConfigError", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun",
+    "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "MemoryTraits", "PLAIN_KERNELS", "Backend", "ChatTemplate", "ConfigError", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun",
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_total_memory_gib",
     "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line", "free_memory", "hookimpl",
