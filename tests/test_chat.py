@@ -287,3 +287,13 @@ def test_roles_out_of_order_are_named(messages, problem):
 def test_empty_and_non_text_content_are_named(content, problem):
     row = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
     assert problem in normalize_conversation(row, "messages", {})["_qtune_problem"]
+
+
+def test_validate_show_styles_exactly_the_assistant_turns(templates, qwen_tokenizer):
+    from qtune.config import Config
+    from qtune.preflight import render_conversation_example
+
+    text = render_conversation_example({"messages": CONVERSATION}, templates.get("chatml"), qwen_tokenizer, Config())
+    trained = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == "bold green")
+    assert trained == "Hello!<|im_end|>4<|im_end|>"
+    assert text.plain.endswith("<|im_start|>assistant\n4<|im_end|>\n")

