@@ -9,6 +9,9 @@ it loads no ML library: the functions import torch, transformers or peft when ca
 # The machine: packages, GPUs, memory.
 from .backends import cuda_device_count, cuda_total_memory_gib, current_memory_gib, missing_modules
 
+# A conversation as a chat template trains it: ids and labels (exporters check their templates with it).
+from .data import tokenize_chat_example
+
 # Failing well: a QtuneError is printed as one line; describe/first_line quote a library's exception.
 from .errors import ConfigError, QtuneError, describe, first_line
 
@@ -46,5 +49,5 @@ __all__ = [
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_total_memory_gib",
     "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line", "free_memory", "hookimpl",
     "load_merged", "missing_modules", "nf4_config", "prepare_tokenizer", "read_json_dict", "reference_dtype", "save_merged",
-    "seed_memory_gib", "torch_dtype", "training_quantization", "verify_hf_model", "verify_with", "weights_bytes",
+    "seed_memory_gib", "tokenize_chat_example", "torch_dtype", "training_quantization", "verify_hf_model", "verify_with", "weights_bytes",
 ]

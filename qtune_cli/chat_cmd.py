@@ -19,7 +19,7 @@ def open_chat_model(target: Path, max_new_tokens: int, temperature: float):
     one; ``generate(prompt)`` streams text. The run's template must be a chat template."""
     from qtune.run import FinishedRun
     from qtune.types import ChatTemplate
-    from qtune_cli.main import quiet_libraries
+    from qtune_cli.output import quiet_libraries
 
     artefact = target.is_file() or bool(target.suffix)
     if artefact:  # a file made by `qtune export` (a GGUF, ...), run by its format's exporter
