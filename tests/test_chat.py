@@ -149,7 +149,12 @@ def test_mistral_renders_like_mistral_common(templates, name, tokenizer_file, me
     expected = mistral_reference_text(tokenizer_file, prompt)
     ours = templates.get(name).render(prompt)
     # sentencepiece spells spaces "▁" and a newline byte "<0x0A>" in its text
-    assert ours == expected.replace("▁", " ").replace("<0x0A>", "\n")
+    expected = expected.replace("▁", " ").replace("<0x0A>", "\n")
+    assert ours == expected
+    # the trained conversation: that request, the answer (after a space in v0.3) and </s>; the system
+    # message stays before the last user message even though an answer follows it
+    answer = (" " if name == "mistral-v0.3" else "") + messages[-1]["content"] + "</s>"
+    assert templates.get(name).render(messages) == expected + answer
 
 
 # --------------------------------------------------------------------------- masks, token for token
