@@ -13,6 +13,9 @@ from .attention import model_varlen_reason, register_transformers_varlen, varlen
 # The machine: packages, GPUs, memory.
 from .backends import cuda_device_count, cuda_total_memory_gib, current_memory_gib, missing_modules
 
+# A conversation as a chat template trains it: ids and labels (exporters check their templates with it).
+from .data import tokenize_chat_example
+
 # Failing well: a QtuneError is printed as one line; describe/first_line quote a library's exception.
 from .errors import ConfigError, QtuneError, describe, first_line
 
@@ -30,7 +33,7 @@ from .quantization import DTYPES, disable_bnb_cpu_repacking, nf4_config, torch_d
 
 # What a run looks like to callbacks (RunContext) and to exporters and commands (FinishedRun).
 from .run import FinishedRun, RunContext
-from .types import Backend, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
+from .types import Backend, ChatTemplate, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
 
 # Verifying an export against the trained model.
 from .verify import (
@@ -45,10 +48,11 @@ from .verify import (
 )
 
 __all__ = [
-    "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "MemoryTraits", "PLAIN_KERNELS", "Backend", "ConfigError", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun",
+    "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "MemoryTraits", "PLAIN_KERNELS", "Backend", "ChatTemplate", "ConfigError", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun",
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_total_memory_gib",
     "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line", "free_memory", "hookimpl",
-    "load_merged", "missing_modules", "model_varlen_reason", "register_transformers_varlen", "varlen_attention", "nf4_config", "prepare_tokenizer", "read_json_dict", "reference_dtype", "save_merged",
-    "seed_memory_gib", "torch_dtype", "training_quantization", "verify_hf_model", "verify_with", "weights_bytes",
+    "load_merged", "missing_modules", "model_varlen_reason", "register_transformers_varlen", "varlen_attention", "nf4_config",
+    "prepare_tokenizer", "read_json_dict", "reference_dtype", "save_merged",
+    "seed_memory_gib", "tokenize_chat_example", "torch_dtype", "training_quantization", "verify_hf_model", "verify_with", "weights_bytes",
 ]

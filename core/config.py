@@ -57,7 +57,10 @@ class DatasetConfig(Section):
     #: hub dataset configuration name
     subset: Optional[str] = None
     split: str = "train"
-    #: template field -> column in the data
+    #: auto: conversations when a `messages` or `conversations` column is there, else instruction
+    #: rows (alpaca: the template's fields); messages: OpenAI role/content; sharegpt: from/value
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    #: template field -> column in the data (conversations: `messages` and `tools` -> column)
     fields: dict[str, str] = Field(default_factory=dict)
     #: use only the first N rows (after shuffling when shuffle is on)
     limit: Optional[int] = Field(None, gt=0)
@@ -88,7 +91,9 @@ class TrainingConfig(Section):
     #: GPU memory (GiB) the fast profile plans for when less than the card's (a shared GPU, or
     #: sizing a run for a smaller card on a larger one); none: the whole card
     memory_budget_gib: Optional[float] = Field(None, gt=0)
-    train_on_responses_only: bool = False
+    #: true: train the response (every assistant turn) and its end token only; false: every token;
+    #: auto: assistant turns only with a chat template, every token with an instruction template (the seed)
+    train_on_responses_only: Union[bool, Literal["auto"]] = "auto"
     #: runs are written to OUTPUT_DIR/RUN_NAME
     output_dir: str = "runs"
     #: save a resumable checkpoint every N steps (0: only at the end)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .config import Config
 from .errors import QtuneError, describe
-from .types import PromptTemplate
+from .types import ChatTemplate, PromptTemplate
 
 IGNORE_INDEX = -100
 #: the row's index in the dataset as loaded (before shuffling and the eval split); findings name it
@@ -48,9 +48,64 @@ def read_rows(config: Config, template: PromptTemplate):
         rows = rows[spec.split]
     if len(rows) == 0:
         raise QtuneError(f"dataset {spec.path or spec.loader!r} has no rows; point dataset.path at data with examples")
-    rows = rename_fields(rows, template, spec.fields)
+    fmt = data_format(rows, spec)
+    if fmt == "alpaca":
+        rows = rename_fields(rows, template, spec.fields)
+    else:
+        rows = conversation_rows(rows, template, fmt, spec)
     _check_utf8(rows, spec)
     return rows.add_column(ROW_COLUMN, list(range(len(rows))))
+
+
+def data_format(rows, spec) -> str:
+    """dataset.format, with ``auto`` resolved from the columns (and the first conversation's keys)."""
+    from .chat import detect_format
+
+    if spec.format != "auto":
+        return spec.format
+    return detect_format(rows.column_names, spec.fields, dict(rows[0]) if len(rows) else None)
+
+
+def conversation_rows(rows, template: PromptTemplate, fmt: str, spec):
+    """Conversation rows as ``messages`` (role, content, tool_calls), ``tools`` (JSON text) and a
+    problem column preflight reports (see :func:`qtune.chat.normalize_conversation`)."""
+    import datasets
+
+    from .chat import MESSAGES, PROBLEM_COLUMN, TOOLS, conversation_column, normalize_conversation, order_problem
+
+    where = f"dataset {spec.path or spec.loader!r}"
+    column = conversation_column(fmt, spec.fields)
+    if not isinstance(template, ChatTemplate):
+        raise QtuneError(
+            f"{where} holds conversations ({fmt} format, column {column!r}) and template {template.name!r} renders "
+            f"instruction rows; set template: chat (the model's own chat template) or a built-in chat template "
+            f"such as chatml, qwen2.5, llama-3.1, mistral-v0.3, mistral-nemo, phi-3.5 or gemma"
+        )
+    unknown = set(spec.fields) - {MESSAGES, TOOLS}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise QtuneError(
+            f"dataset.fields.{name}: conversation data ({fmt} format) maps only `messages` (the conversation column) "
+            f"and `tools`; remove dataset.fields.{name}"
+        )
+    if column not in rows.column_names:
+        raise QtuneError(
+            f"{where} lacks column {column!r} for the {fmt} format (columns: {', '.join(sorted(rows.column_names))}); "
+            f"map it with dataset.fields.messages: <column>, or set dataset.format"
+        )
+    features = datasets.Features({
+        MESSAGES: [{"role": datasets.Value("string"), "content": datasets.Value("string"), "tool_calls": datasets.Value("string")}],
+        TOOLS: datasets.Value("string"),
+        PROBLEM_COLUMN: datasets.Value("string"),
+    })
+
+    def normalize(row):
+        result = normalize_conversation(row, fmt, spec.fields)
+        if not result[PROBLEM_COLUMN]:
+            result[PROBLEM_COLUMN] = order_problem(result[MESSAGES])
+        return result
+
+    return rows.map(normalize, remove_columns=rows.column_names, features=features, desc=None)
 
 
 def _check_utf8(rows, spec) -> None:
@@ -138,6 +193,15 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+def responses_only(config: Config, template: PromptTemplate) -> bool:
+    """training.train_on_responses_only resolved: ``auto`` trains the assistant turns only with a
+    chat template, and every token with an instruction template (the seed notebook)."""
+    value = config.training.train_on_responses_only
+    if value == "auto":
+        return isinstance(template, ChatTemplate)
+    return bool(value)
+
+
 def eos_token_id(tokenizer) -> int:
     """The tokenizer's EOS id; refused when it has none (every example ends in a trained EOS)."""
     eos = tokenizer.eos_token_id
@@ -182,25 +246,62 @@ def tokenize_example(
     )
 
 
+def tokenize_chat_example(example: dict[str, Any], template: ChatTemplate, tokenizer, max_length: int, assistant_only: bool,
+                          with_offsets: bool = False):
+    """A conversation row (or an instruction row, as one turn) rendered by a chat template, with
+    every assistant turn trained (:func:`qtune.chat.tokenize_conversation`)."""
+    from .chat import example_conversation, tokenize_conversation
+
+    messages, tools = example_conversation(template, example)
+    return tokenize_conversation(template, messages, tokenizer, max_length, assistant_only, tools, with_offsets)
+
+
+#: what :func:`encode_rows` writes for a row it could not tokenize
+_FAILED = {"input_ids": [], "labels": [], "length": 0, "truncated": False, "trained": 0, "eos_trained": False,
+           "had_eos": False, "marker_found": True, "turns": 0, "turns_cut": 0, "turns_end_missing": 0,
+           "turns_end_masked": 0, "turns_empty": 0}
+
+
 def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
-    """Tokenize every row with :func:`tokenize_example`; a ``datasets.Dataset`` holding ``input_ids``
-    and ``labels`` plus what preflight checks: ``row`` (the row's index in the data as loaded),
-    ``length``, ``truncated``, ``trained`` (label count), ``eos_trained`` (the last label is EOS),
-    ``had_eos``, ``marker_found`` and ``error`` (the template failed to render the row)."""
+    """Tokenize every row (:func:`tokenize_example`, or :func:`tokenize_chat_example` with a chat
+    template); a ``datasets.Dataset`` holding ``input_ids`` and ``labels`` plus what preflight
+    checks: ``row`` (the row's index in the data as loaded), ``length``, ``truncated``, ``trained``
+    (label count), ``eos_trained`` (the labels end in a trained EOS; with a chat template: every
+    assistant turn ends in its trained end-of-turn token), ``had_eos``, ``marker_found``, the
+    assistant turns (``turns``, ``turns_cut`` by truncation, ``turns_end_missing``,
+    ``turns_end_masked``, ``turns_empty``), ``problem`` (what is wrong with a conversation row)
+    and ``error`` (the template failed to render the row)."""
+    from .chat import PROBLEM_COLUMN
+
     max_length = config.model.max_seq_length
-    responses_only = config.training.train_on_responses_only
+    only_responses = responses_only(config, template)
     marker = template.response_marker
     eos = eos_token_id(tokenizer)  # refused here once, before the first row
+    chat = isinstance(template, ChatTemplate)
 
     def encode(example):
         row = example.get(ROW_COLUMN, -1)
+        problem = example.get(PROBLEM_COLUMN) or ""
+        if problem:
+            return {**_FAILED, "row": row, "problem": problem, "error": ""}
         try:
-            tokenized = tokenize_example(example, template, tokenizer, max_length, responses_only)
-        except QtuneError:
-            raise
+            if chat:
+                conv = tokenize_chat_example(example, template, tokenizer, max_length, only_responses)
+                return {
+                    "input_ids": conv.input_ids, "labels": conv.labels, "row": row, "length": conv.length,
+                    "truncated": conv.truncated, "trained": conv.trained_tokens,
+                    "eos_trained": bool(conv.turns) and not (conv.turns_end_missing or conv.turns_end_masked or conv.empty_turns),
+                    "had_eos": False, "marker_found": True, "turns": len(conv.turns), "turns_cut": conv.turns_cut,
+                    "turns_end_missing": conv.turns_end_missing, "turns_end_masked": conv.turns_end_masked,
+                    "turns_empty": conv.empty_turns, "problem": "", "error": "",
+                }
+            tokenized = tokenize_example(example, template, tokenizer, max_length, only_responses)
+        except QtuneError as exc:
+            if not chat:
+                raise
+            return {**_FAILED, "row": row, "problem": "", "error": str(exc)}
         except Exception as exc:  # a template plugin failing on this row: reported with the row
-            return {"input_ids": [], "labels": [], "row": row, "length": 0, "truncated": False, "trained": 0,
-                    "eos_trained": False, "had_eos": False, "marker_found": True, "error": describe(exc)}
+            return {**_FAILED, "row": row, "problem": "", "error": describe(exc)}
         return {
             "input_ids": tokenized.input_ids,
             "labels": tokenized.labels,
@@ -211,6 +312,8 @@ def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
             "eos_trained": bool(tokenized.labels) and tokenized.labels[-1] == eos,
             "had_eos": tokenized.had_eos,
             "marker_found": (not marker) or marker in tokenized.prompt,
+            "turns": 1, "turns_cut": int(tokenized.truncated), "turns_end_missing": 0, "turns_end_masked": 0,
+            "turns_empty": 0, "problem": "",
             "error": "",
         }
 
@@ -219,7 +322,8 @@ def encode_rows(rows, template: PromptTemplate, tokenizer, config: Config):
 
 def trainable(encoded):
     """The encoded rows training uses: those with at least one trained label, as input_ids + labels."""
-    trained = encoded.filter(lambda count, error: count > 0 and not error, input_columns=["trained", "error"])
+    trained = encoded.filter(lambda count, error, problem: count > 0 and not error and not problem,
+                             input_columns=["trained", "error", "problem"])
     return trained.select_columns(["input_ids", "labels"])
 
 
@@ -230,6 +334,10 @@ def tokenize_rows(rows, template: PromptTemplate, tokenizer, config: Config):
     if errors:
         row, error = errors[0]
         raise QtuneError(f"dataset row {row}: template {template.name!r} failed to render it: {error}; fix the row or the template")
+    problems = [(row, problem) for row, problem in zip(encoded["row"], encoded["problem"], strict=True) if problem]
+    if problems:
+        row, problem = problems[0]
+        raise QtuneError(f"dataset row {row}: the conversation {problem}; fix or remove the row")
     dataset = trainable(encoded)
     if len(dataset) == 0:
         raise QtuneError(

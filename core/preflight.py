@@ -219,10 +219,43 @@ def check_data(report: Report) -> None:
         if wrong:
             report.add(ERROR, f"dataset field {name!r}{column}", f"holds lists or mappings, not text ({rows_text(wrong)})",
                        "map the field to a text column with dataset.fields")
+    _check_conversations(report, rows)
     try:
         report.train_rows, report.held_out = split_rows(rows, config)
     except QtuneError as exc:
         report.add(ERROR, "", str(exc))
+
+
+def _check_conversations(report: Report, rows) -> None:
+    """Conversation rows: what reading them found (no messages, an unknown role or speaker, empty or
+    non-text content, roles out of order, no assistant turn), one finding per row up to a limit,
+    and what the template does with system messages and tools."""
+    from .chat import MESSAGES, PROBLEM_COLUMN, TOOLS
+    from .data import ROW_COLUMN
+
+    if PROBLEM_COLUMN not in rows.column_names:
+        return
+    template = report.template
+    columns = rows.select_columns([ROW_COLUMN, PROBLEM_COLUMN, TOOLS]).to_dict()
+    bad = [(row, problem) for row, problem in zip(columns[ROW_COLUMN], columns[PROBLEM_COLUMN], strict=True) if problem]
+    for row, problem in bad[:FINDINGS_PER_KIND]:
+        fix = ("convert the row to text-only messages or remove it" if "only text" in problem
+               else "fix the row or remove it")
+        report.add(ERROR, f"dataset row {row}", f"the conversation {problem}", fix)
+    if len(bad) > FINDINGS_PER_KIND:
+        report.add(ERROR, "dataset", f"{len(bad) - FINDINGS_PER_KIND} more conversations have problems", "fix or remove them")
+    with_tools = [row for row, tools in zip(columns[ROW_COLUMN], columns[TOOLS], strict=True) if tools]
+    if with_tools and not template.supports_tools:
+        report.add(WARNING, f"dataset {rows_text(with_tools)}", f"carry tools, and template {template.name!r} does not render tools",
+                   "choose a template that does (chat, qwen2.5, llama-3.1, mistral-v0.3, mistral-nemo) or drop the tools column")
+    firsts = [turns[0]["role"] if turns else "" for turns in rows[MESSAGES]]
+    with_system = [row for row, role in zip(columns[ROW_COLUMN], firsts, strict=True) if role == "system"]
+    if with_system and template.system_handling:
+        report.add(NOTE, "template", f"{template.name!r}: a system message is {template.system_handling} ({rows_text(with_system)})")
+    without = len(firsts) - len(with_system)
+    if template.default_system and without:
+        report.add(NOTE, "template", f"{template.name!r} adds its default system prompt {template.default_system!r} to the "
+                   f"{without} conversations without one", "give them a system message, or use chatml for a model that is not Qwen")
 
 
 def _check_file_start(report: Report, path: Path) -> bool:
@@ -265,9 +298,11 @@ def _load_tokenizer(report: Report):
 
 def check_tokens(report: Report, tokenizer) -> None:
     """EOS, pad, truncation, masking and the response marker, on the tokens training will use."""
-    from .data import encode_rows, encoded_stats, ensure_distinct_pad
+    from .data import encode_rows, encoded_stats, ensure_distinct_pad, responses_only
+    from .types import ChatTemplate
 
     config, template = report.config, report.template
+    chat = isinstance(template, ChatTemplate)
     report.tokenizer = tokenizer
     max_length = config.model.max_seq_length
     if tokenizer.eos_token_id is None:
@@ -283,7 +318,9 @@ def check_tokens(report: Report, tokenizer) -> None:
 
     encoded = encode_rows(report.train_rows, template, tokenizer, config)
     report.encoded = encoded
-    columns = encoded.select_columns(["row", "length", "truncated", "trained", "eos_trained", "had_eos", "marker_found", "error"]).to_dict()
+    columns = encoded.select_columns(["row", "length", "truncated", "trained", "eos_trained", "had_eos", "marker_found", "error",
+                                      "problem", "turns", "turns_cut", "turns_end_missing", "turns_end_masked",
+                                      "turns_empty"]).to_dict()
     rows = columns["row"]
     n = len(rows)
 
@@ -292,9 +329,9 @@ def check_tokens(report: Report, tokenizer) -> None:
         report.add(ERROR, f"dataset row {row}", f"template {template.name!r} failed to render it: {error}", "fix the row or the template")
     if len(failed) > FINDINGS_PER_KIND:
         report.add(ERROR, "dataset", f"template {template.name!r} failed on {len(failed) - FINDINGS_PER_KIND} more rows", "fix them")
-    ok = [not e for e in columns["error"]]
+    ok = [not e and not p for e, p in zip(columns["error"], columns["problem"], strict=True)]
 
-    if config.training.train_on_responses_only and template.response_marker:
+    if responses_only(config, template) and template.response_marker:
         missing = [r for r, found, good in zip(rows, columns["marker_found"], ok, strict=True) if good and not found]
         if missing:
             report.add(ERROR, f"dataset {rows_text(missing)}",
@@ -303,6 +340,9 @@ def check_tokens(report: Report, tokenizer) -> None:
 
     truncated = [r for r, cut, good in zip(rows, columns["truncated"], ok, strict=True) if good and cut]
     no_eos = [r for r, eos, cut, good in zip(rows, columns["eos_trained"], columns["truncated"], ok, strict=True) if good and not cut and not eos]
+    if chat:
+        _check_turns(report, columns, ok, tokenizer)
+        no_eos = []
     if no_eos:
         report.add(ERROR, f"dataset {rows_text(no_eos)}", "the labels do not end in a trained EOS token, so the model would not learn to stop",
                    "check the template (it must not mask the completion's end)")
@@ -310,17 +350,25 @@ def check_tokens(report: Report, tokenizer) -> None:
         longest = max(length for length, cut, good in zip(columns["length"], columns["truncated"], ok, strict=True) if good and cut)
         share = len(truncated) / n
         level = ERROR if len(truncated) == sum(ok) else WARNING
-        report.add(level, "model.max_seq_length",
-                   f"{len(truncated)} of {n} examples ({share:.0%}; {rows_text(truncated)}) are longer than {max_length} tokens "
-                   f"and will be cut, losing their EOS (the longest has {longest})",
-                   f"raise model.max_seq_length to {longest} or shorten those rows")
+        if chat:
+            cut_turns = sum(c for c, good in zip(columns["turns_cut"], ok, strict=True) if good)
+            all_turns = sum(t for t, good in zip(columns["turns"], ok, strict=True) if good)
+            what = (f"{len(truncated)} of {n} conversations ({share:.0%}; {rows_text(truncated)}) are longer than {max_length} "
+                    f"tokens and will be cut: {cut_turns} of their {all_turns} assistant turns lose their end or all of "
+                    f"their tokens (the longest has {longest})")
+        else:
+            what = (f"{len(truncated)} of {n} examples ({share:.0%}; {rows_text(truncated)}) are longer than {max_length} tokens "
+                    f"and will be cut, losing their EOS (the longest has {longest})")
+        report.add(level, "model.max_seq_length", what, f"raise model.max_seq_length to {longest} or shorten those rows")
 
     masked = [r for r, count, good in zip(rows, columns["trained"], ok, strict=True) if good and count == 0]
     if masked:
         level = ERROR if len(masked) == sum(ok) else WARNING
         consequence = "no example is left to train on" if level == ERROR else "these rows are left out of training"
+        cause = (f"no assistant turn starts within model.max_seq_length ({max_length})" if chat
+                 else f"the prompt fills model.max_seq_length ({max_length})")
         report.add(level, f"dataset {rows_text(masked)}",
-                   f"every label is masked (-100) because the prompt fills model.max_seq_length ({max_length}); {consequence}",
+                   f"every label is masked (-100) because {cause}; {consequence}",
                    "raise model.max_seq_length, shorten the prompts or turn off training.train_on_responses_only")
 
     had_eos = [r for r, flag, good in zip(rows, columns["had_eos"], ok, strict=True) if good and flag]
@@ -328,7 +376,35 @@ def check_tokens(report: Report, tokenizer) -> None:
         report.add(NOTE, f"dataset {rows_text(had_eos)}", "the text already ends in the EOS token; qtune appends none there, so EOS is never doubled")
 
     report.stats = encoded_stats(encoded)
+    if chat:
+        report.stats["assistant_turns"] = int(sum(columns["turns"]))
     report.stats.update({"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token})
+
+
+def _check_turns(report: Report, columns: dict, ok: list[bool], tokenizer) -> None:
+    """Chat templates: every assistant turn trains at least one token and ends in its end-of-turn
+    token, trained (both unless truncation cut the turn)."""
+    template = report.template
+    eot = template.end_of_turn_token(tokenizer)
+    rows = columns["row"]
+
+    def rows_with(key):
+        return [r for r, count, good in zip(rows, columns[key], ok, strict=True) if good and count]
+
+    empty = rows_with("turns_empty")
+    if empty:
+        report.add(ERROR, f"dataset {rows_text(empty)}", "an assistant turn has no trained token (the template renders it as nothing)",
+                   "give every assistant message text, or fix the template's {% generation %} blocks")
+    missing = rows_with("turns_end_missing")
+    if missing:
+        report.add(ERROR, f"dataset {rows_text(missing)}",
+                   f"an assistant turn does not end in the end-of-turn token {eot!r}, so the model would not learn to stop",
+                   "use the chat template of the model's family, or set the template's end_of_turn to the token its turns end with")
+    masked = rows_with("turns_end_masked")
+    if masked:
+        report.add(ERROR, f"dataset {rows_text(masked)}",
+                   f"an assistant turn's end-of-turn token {eot!r} is masked, so the model would not learn to stop",
+                   "put the end-of-turn token inside the template's {% generation %} block")
 
 
 # --------------------------------------------------------------------------- reuse and fingerprint
@@ -395,10 +471,13 @@ def render_example(example: dict, template, tokenizer, config: Config):
     """One example as a Rich Text, styled by its labels (see :func:`show_examples`)."""
     from rich.text import Text
 
-    from .data import IGNORE_INDEX, tokenize_example
+    from .data import IGNORE_INDEX, responses_only, tokenize_example
+    from .types import ChatTemplate
 
+    if isinstance(template, ChatTemplate):
+        return render_conversation_example(example, template, tokenizer, config)
     tokenized = tokenize_example(example, template, tokenizer, config.model.max_seq_length,
-                                 config.training.train_on_responses_only, with_offsets=True)
+                                 responses_only(config, template), with_offsets=True)
     text, offsets = tokenized.text or "", tokenized.offsets or []
     result = Text()
     cursor = 0
@@ -422,4 +501,36 @@ def render_example(example: dict, template, tokenizer, config: Config):
         result.append(tokenizer.eos_token or "<eos>", style=f"{style} reverse")
     if tokenized.truncated:
         result.append(f" … cut at model.max_seq_length ({config.model.max_seq_length} of {tokenized.length} tokens)", style="red")
+    return result
+
+
+def render_conversation_example(example: dict, template, tokenizer, config: Config):
+    """A conversation as the chat template renders it, one line per turn as the template lays them
+    out, each token styled by its label: masked dim, trained (the assistant turns with their
+    end-of-turn token) bold green. A line above says how many turns and tokens are trained."""
+    from rich.text import Text
+
+    from .chat import PROBLEM_COLUMN
+    from .data import IGNORE_INDEX, responses_only, tokenize_chat_example
+
+    if example.get(PROBLEM_COLUMN):
+        return Text(f"not trained: the conversation {example[PROBLEM_COLUMN]}", style="red")
+    max_length = config.model.max_seq_length
+    try:
+        conv = tokenize_chat_example(example, template, tokenizer, max_length, responses_only(config, template), with_offsets=True)
+    except QtuneError as exc:
+        return Text(f"not trained: {exc}", style="red")
+    text, offsets = conv.text or "", conv.offsets or []
+    result = Text(f"{len(conv.turns)} assistant turn{'s' if len(conv.turns) != 1 else ''}, "
+                  f"{conv.trained_tokens} of {len(conv.input_ids)} tokens trained\n", style="italic")
+    cursor = 0
+    for index in range(len(conv.input_ids)):
+        style = "bold green" if conv.labels[index] != IGNORE_INDEX else "dim"
+        start, end = offsets[index]
+        if end > cursor:
+            result.append(text[min(start, cursor):end], style=style)
+            cursor = end
+    if conv.truncated:
+        result.append(f" … cut at model.max_seq_length ({max_length} of {conv.length} tokens; "
+                      f"{conv.turns_cut} assistant turn(s) cut)", style="red")
     return result

@@ -50,6 +50,105 @@ class PromptTemplate:
         return []
 
 
+class ChatTemplate(PromptTemplate):
+    """A template that renders whole conversations with a Jinja chat template.
+
+    A conversation is a list of messages ``{"role": ..., "content": ...}`` with roles ``system``,
+    ``user``, ``assistant`` and ``tool`` (an assistant message may carry ``tool_calls``), plus an
+    optional list of tool schemas. ``source(tokenizer)`` gives the Jinja text; the core renders it
+    through transformers' chat-template renderer (the one ``tokenizer.apply_chat_template`` uses,
+    with ``bos_token``, ``eos_token``, ``raise_exception``, ``tojson`` and ``{% generation %}``).
+
+    Training renders each conversation once and trains the tokens of every assistant turn, its
+    end-of-turn token included; everything else is masked (``training.train_on_responses_only``
+    ``false`` trains every token instead). The assistant turns are found from the template's
+    structure, never by searching the text: a template whose source wraps each assistant turn in
+    ``{% generation %}...{% endgeneration %}`` marks them itself (every built-in does); any other
+    template is rendered message by message, and each assistant turn is the text that the turn adds
+    to the conversation rendered up to it with ``add_generation_prompt``. Such a template must render
+    a conversation's start the same whatever follows it (preflight refuses one that does not).
+
+    Instruction rows (``instruction``, optional ``input`` and ``system``, ``output``) are trained as a
+    one-turn conversation (:meth:`example_messages`), so ``render_prompt`` and ``render_completion``
+    keep working for the Alpaca-shaped paths (evaluation, export).
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ("instruction", "output")
+    optional_fields: ClassVar[tuple[str, ...]] = ("input", "system")
+    #: the Jinja chat template; None means the tokenizer's own ``chat_template``
+    jinja: ClassVar[str | None] = None
+    #: the token that ends an assistant turn (trained with it); None means the tokenizer's EOS
+    end_of_turn: ClassVar[str | None] = None
+    #: special tokens the Jinja text uses, for rendering without a tokenizer (export, tests)
+    special_tokens: ClassVar[Mapping[str, str]] = {}
+    #: whether the template renders a ``system`` message (else :attr:`system_handling` says what happens)
+    system_role: ClassVar[bool] = True
+    system_handling: ClassVar[str] = ""
+    #: whether the template renders the ``tools`` it is given
+    supports_tools: ClassVar[bool] = False
+    #: a default system prompt the template adds when a conversation has none (said by ``qtune validate``)
+    default_system: ClassVar[str | None] = None
+
+    def source(self, tokenizer: Any = None) -> str:
+        """The Jinja text to render with: :attr:`jinja`, else the tokenizer's own chat template."""
+        if self.jinja is not None:
+            return self.jinja
+        from .errors import QtuneError
+
+        own = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if isinstance(own, dict):  # several named templates: the default one
+            own = own.get("default")
+        if not own:
+            raise QtuneError(
+                f"template {self.name!r} uses the tokenizer's own chat template, and this tokenizer has none; "
+                f"choose a built-in chat template (`qtune plugins` lists them), e.g. template: chatml"
+            )
+        return own
+
+    def end_of_turn_token(self, tokenizer: Any = None) -> str | None:
+        if self.end_of_turn is not None:
+            return self.end_of_turn
+        return getattr(tokenizer, "eos_token", None) if tokenizer is not None else self.special_tokens.get("eos_token")
+
+    def render(self, messages: list[dict[str, Any]], tokenizer: Any = None, *, tools: list[dict] | None = None,
+               add_generation_prompt: bool = False) -> str:
+        """The conversation as text (special tokens written out), as ``apply_chat_template`` renders it."""
+        from .chat import render_conversation
+
+        return render_conversation(self, messages, tokenizer, tools=tools, add_generation_prompt=add_generation_prompt)[0]
+
+    def example_messages(self, example: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """An instruction row as a conversation: system (if any), user (instruction, a blank line,
+        input), assistant (output, when the row has one)."""
+        user = str(example["instruction"])
+        if example.get("input"):
+            user += "\n\n" + str(example["input"])
+        messages = [{"role": "system", "content": str(example["system"])}] if example.get("system") else []
+        messages.append({"role": "user", "content": user})
+        if example.get("output") is not None and "output" in example:
+            messages.append({"role": "assistant", "content": str(example["output"])})
+        return messages
+
+    def render_prompt(self, example: Mapping[str, Any]) -> str:
+        messages = [m for m in self.example_messages(example) if m["role"] != "assistant"]
+        return self.render(messages, add_generation_prompt=True)
+
+    def render_completion(self, example: Mapping[str, Any]) -> str:
+        return str(example["output"])
+
+    def chat_template(self) -> str | None:
+        """:attr:`jinja` without its ``{% generation %}`` blocks (which only transformers knows), for
+        GGUF, Ollama and the merged model's tokenizer; it renders the same text."""
+        if self.jinja is None:
+            return None
+        import re
+
+        return re.sub(r"\{%-?\s*(?:end)?generation\s*-?%\}", "", self.jinja)
+
+    def stop_strings(self) -> list[str]:
+        return [self.end_of_turn] if self.end_of_turn else []
+
+
 class DatasetLoader:
     """Loads rows for training. ``load`` returns a ``datasets.Dataset``."""
 

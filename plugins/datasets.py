@@ -133,14 +133,69 @@ class DemoTasksLoader(DatasetLoader):
     def load(self, spec):
         import datasets
 
+        return datasets.Dataset.from_list(self.generate(*self.size_and_seed(spec)))
+
+    def generate(self, size: int, seed: int) -> list[dict[str, Any]]:
+        return generate_demo_tasks(size, seed)
+
+    def size_and_seed(self, spec) -> tuple[int, int]:
         options: dict[str, Any] = dict(spec.options)
         unknown = set(options) - {"size", "seed"}
         if unknown:
-            raise QtuneError(f"dataset.options for demo-tasks takes size and seed, not {', '.join(sorted(unknown))}")
+            raise QtuneError(f"dataset.options for {self.name} takes size and seed, not {', '.join(sorted(unknown))}")
         size, seed = options.get("size", 1000), options.get("seed", 0)
         if not isinstance(size, int) or size <= 0:
             raise QtuneError(f"dataset.options.size must be a positive whole number, not {size!r}")
-        return datasets.Dataset.from_list(generate_demo_tasks(size, int(seed)))
+        return size, int(seed)
+
+
+# --- the generated demo conversations ------------------------------------------------------------
+
+ORDINALS = ("first", "second", "third", "fourth")
+
+
+def _recall(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    """A question about the words given in the first turn, and its one exact answer."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        position = rng.randrange(len(words))
+        return f"What was the {ORDINALS[position]} word I gave you?", words[position]
+    if kind == 1:
+        return "Repeat my words in reverse order.", " ".join(reversed(words))
+    if kind == 2:
+        return "Write my words in capital letters.", " ".join(words).upper()
+    if kind == 3:
+        return "Which of my words comes first in alphabetical order?", min(words)
+    return "Repeat my words.", " ".join(words)
+
+
+def generate_demo_conversations(size: int, seed: int) -> list[dict[str, Any]]:
+    """Deterministic three-exchange conversations whose last answer depends on the first turn: the
+    user gives words to remember, asks an unrelated task in between, then asks about the words."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(size):
+        words = rng.sample(WORDS, 4)
+        middle = DEMO_TASKS[index % len(DEMO_TASKS)](rng)
+        question, answer = _recall(rng, words)
+        rows.append({"messages": [
+            {"role": "system", "content": DEMO_SYSTEM},
+            {"role": "user", "content": f"Remember these words: {' '.join(words)}."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": f"{middle['instruction']} {middle['input']}"},
+            {"role": "assistant", "content": middle["output"]},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]})
+    return rows
+
+
+class DemoChatLoader(DemoTasksLoader):
+    name = "demo-chat"
+    description = "generated offline conversations whose last answer depends on the first turn (words to remember)"
+
+    def generate(self, size: int, seed: int) -> list[dict[str, Any]]:
+        return generate_demo_conversations(size, seed)
 
 
 @hookimpl
@@ -149,3 +204,4 @@ def register_dataset_loaders(register):
     register(AlpacaCleanedLoader())
     register(LocalFilesLoader())
     register(DemoTasksLoader())
+    register(DemoChatLoader())

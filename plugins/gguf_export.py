@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qtune.api import (
+    ChatTemplate,
     Exporter,
     ExportResult,
     FinishedRun,
@@ -41,6 +42,7 @@ from qtune.api import (
     load_merged,
     missing_modules,
     save_merged,
+    tokenize_chat_example,
     verify_with,
     weights_bytes,
 )
@@ -404,13 +406,16 @@ def stream_generate(gguf_path: str | Path, prompt: str, max_new_tokens: int = 25
 # --------------------------------------------------------------------------- Ollama
 
 
-def ollama_template(template, eos_token: str) -> str:
+def ollama_template(template, eos_token: str, tokenizer: Any = None) -> str:
     """A Go template for Ollama that renders exactly like ``template.render_prompt`` for one turn.
 
     The user's text goes where the template's first prompt field sits, a ``system`` field (if the
     template has one) becomes ``.System`` with the template's default in the ``else`` branch, the
     other optional fields are left empty, and the response is followed by EOS as in training.
+    A chat template's turn (rendered with ``tokenizer``) is followed by its end-of-turn token.
     """
+    if isinstance(template, ChatTemplate):
+        return _chat_ollama_template(template, eos_token, tokenizer)
     marks = {name: f"@@QTUNE{index}@@" for index, name in enumerate(template.fields + template.optional_fields)}
     example = {name: "" for name in template.optional_fields}
     example.update({name: marks[name] for name in template.fields})
@@ -437,14 +442,61 @@ def ollama_template(template, eos_token: str) -> str:
     return text + "{{ .Response }}" + _go_literal(eos_token or "")
 
 
+def _chat_ollama_template(template, eos_token: str, tokenizer: Any = None) -> str:
+    """One turn of a chat template as Go: the conversation rendered with and without a system
+    message share their end (the user turn and the generation prompt, where ``.Prompt`` goes); what
+    comes before it is the ``if .System`` branch and its ``else``."""
+    system_mark, user_mark = "@@QTUNE_SYSTEM@@", "@@QTUNE_USER@@"
+    user = [{"role": "user", "content": user_mark}]
+    with_system = template.render([{"role": "system", "content": system_mark}] + user, tokenizer, add_generation_prompt=True)
+    without = template.render(user, tokenizer, add_generation_prompt=True)
+    shared = 0
+    while shared < min(len(with_system), len(without)) and with_system[-1 - shared] == without[-1 - shared]:
+        shared += 1
+    head_system, head_plain = with_system[: len(with_system) - shared], without[: len(without) - shared]
+    tail = with_system[len(with_system) - shared:]
+    if system_mark not in head_system or user_mark not in tail:
+        raise QtuneError(f"template {template.name!r} does not render a system and a user message apart; cannot write an Ollama TEMPLATE")
+    system = _go_literal(head_system).replace(system_mark, "{{ .System }}")
+    go = "{{ if .System }}" + system + "{{ else }}" + _go_literal(head_plain) + "{{ end }}" if system != _go_literal(head_plain) else system
+    end = template.end_of_turn_token(tokenizer) or eos_token or ""
+    return go + _go_literal(tail).replace(user_mark, "{{ .Prompt }}") + "{{ .Response }}" + _go_literal(end)
+
+
+def _multi_turn_parity(gguf_path: Path, embedded: str | None, template, tokenizer) -> bool:
+    """Whether a multi-turn conversation rendered through the GGUF's own chat template (as
+    llama-cpp-python's Jinja chat formatter renders it) and tokenized by llama.cpp gives exactly the
+    token ids the run trained on for it."""
+    if not embedded:
+        return False
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=embedded, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or "",
+                                    add_generation_prompt=False)  # its default (True) would add an open assistant turn
+    prompt = formatter(messages=[dict(m) for m in PARITY_CONVERSATION]).prompt
+    trained = tokenize_chat_example({"messages": PARITY_CONVERSATION}, template, tokenizer, 1 << 20, assistant_only=True)
+    with gguf_vocab(gguf_path) as vocab:
+        return gguf_tokenize(vocab, prompt) == trained.input_ids
+
+
+#: the conversation GGUF verify renders through the exported template (system, two exchanges)
+PARITY_CONVERSATION = (
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And twice that?"},
+    {"role": "assistant", "content": "8"},
+)
+
+
 def _go_literal(text: str) -> str:
     # "{{" opens an action in Go templates; print it through a string action instead.
     return text.replace("{{", '{{ "{{" }}')
 
 
-def modelfile_text(gguf_name: str, template, eos_token: str) -> str:
+def modelfile_text(gguf_name: str, template, eos_token: str, tokenizer: Any = None) -> str:
     """An Ollama Modelfile: FROM the GGUF beside it, the training prompt as TEMPLATE, stop strings."""
-    go_template = ollama_template(template, eos_token)
+    go_template = ollama_template(template, eos_token, tokenizer)
     if '"""' in go_template:
         raise QtuneError(f"template {template.name!r} contains '\"\"\"', which a Modelfile TEMPLATE cannot hold")
     stops = []
@@ -531,7 +583,7 @@ def write_gguf(run: FinishedRun, dest: Path, quant: str = "q8_0", llama_cpp_dir:
                     extra["fallback_tensors"] = fallbacks
                 timings["quantize_s"] = time.perf_counter() - started
             with atomic_file(out / "Modelfile") as handle:
-                handle.write(modelfile_text(name, run.template, eos_token))
+                handle.write(modelfile_text(name, run.template, eos_token, tokenizer))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     details = {"gguf": str(dest / name), "merged_dtype": merged_dtype, "llama_cpp": str(folder),
@@ -598,6 +650,10 @@ def verify_gguf(run: FinishedRun, gguf_path: Path, quant: str):
             embedded = metadata.get("tokenizer.chat_template")
             result["chat template embedded"] = embedded == expected
             result["chat template renders the prompt"] = _renders_prompt(embedded, run.template, tokenizer)
+        if isinstance(run.template, ChatTemplate):
+            embedded = metadata.get("tokenizer.chat_template")
+            result["multi-turn conversation gives the trained token ids"] = _multi_turn_parity(
+                gguf_path, embedded, run.template, tokenizer)
         return result
 
     return verify_with(run, "gguf", quant, "llama.cpp", lambda prompts: gguf_logits(gguf_path, prompts), BOUNDS[quant], checks)

@@ -12,6 +12,7 @@ import click
 
 from qtune import __version__
 from qtune.errors import QtuneError
+from qtune_cli.chat_cmd import chat
 from qtune_cli.export_cmd import export
 from qtune_cli.models_cmd import models
 from qtune_cli.output import console, print_traceback, quiet_libraries
@@ -44,17 +45,18 @@ def cli():
     qtune init config.yaml          write the seed notebook's configuration
     qtune run config.yaml           fine-tune, with live progress and a memory report
     qtune generate runs/NAME -i ..  stream an answer from the trained adapter
+    qtune chat runs/NAME            talk with it, turn by turn (chat templates)
     qtune export runs/NAME -f gguf  save as LoRA, merged 16-bit / 4-bit or GGUF
     """
 
 
-PRESETS = ("seed", "demo")
+PRESETS = ("seed", "demo", "chat-demo")
 
 
 @cli.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="qtune.yaml")
 @click.option("--preset", type=click.Choice(PRESETS), default="seed", show_default=True,
-              help="seed: Unsloth's Qwen2.5-7B Alpaca notebook; demo: the offline CPU demo.")
+              help="seed: Unsloth's Qwen2.5-7B Alpaca notebook; demo: the offline CPU demo; chat-demo: its conversational twin.")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
 def init(path: Path, preset: str, force: bool):
     """Write a configuration file to PATH (default qtune.yaml)."""
@@ -139,20 +141,34 @@ def _print_summary(out, ctx) -> None:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("-i", "--instruction", required=True, help="The instruction (the template's first field).")
+@click.argument("run_dir", metavar="RUN_DIR|GGUF", type=click.Path(path_type=Path))
+@click.option("-i", "--instruction", default=None, help="The instruction (the template's first field).")
 @click.option("--input", "input_text", default="", help="Optional input / context.")
-@click.option("--system", default=None, help="System prompt, for templates that have one (chatml).")
+@click.option("--system", default=None, help="System prompt, for templates that have one (chat templates).")
+@click.option("-c", "--conversation", "conversation", default=None, metavar="FILE|-",
+              help="Answer the last message of a conversation in a JSON file (- reads stdin): a list of "
+                   "{role, content} messages, or {messages|conversations, tools}. Needs a run with a chat template.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come, or the whole answer at the end.")
-def generate(run_dir: Path, instruction: str, input_text: str, system: str | None, max_new_tokens: int, temperature: float,
-             stream: bool):
-    """Answer an instruction with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
-    example = {"instruction": instruction, "input": input_text, **({"system": system} if system else {})}
-    if not run_dir.is_dir() and (run_dir.is_file() or run_dir.suffix):
+def generate(run_dir: Path, instruction: str | None, input_text: str, system: str | None, conversation: str | None,
+             max_new_tokens: int, temperature: float, stream: bool):
+    """Answer an instruction (-i) or a conversation (-c) with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
+    if (instruction is None) == (conversation is None):
+        raise QtuneError("give either -i INSTRUCTION or --conversation FILE (- for stdin)")
+    if conversation is not None:
+        from qtune_cli.chat_cmd import open_chat_model, read_conversation
+
+        messages, tools = read_conversation(conversation)
+        if system and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": system}] + messages
+        template, tokenizer, generate_text, _, _ = open_chat_model(run_dir, max_new_tokens, temperature)
+        pieces = generate_text(template.render(messages, tokenizer, tools=tools, add_generation_prompt=True))
+    elif not run_dir.is_dir() and (run_dir.is_file() or run_dir.suffix):
+        example = {"instruction": instruction, "input": input_text, **({"system": system} if system else {})}
         pieces = _artifact_pieces(run_dir, example, max_new_tokens)
     else:
+        example = {"instruction": instruction, "input": input_text, **({"system": system} if system else {})}
         from qtune.run import FinishedRun
 
         finished = FinishedRun.open(run_dir)
@@ -161,8 +177,18 @@ def generate(run_dir: Path, instruction: str, input_text: str, system: str | Non
         model = finished.backend().for_inference(model)
         from qtune.inference import stream_answer
 
-        prompt = finished.template.render_prompt(example)
-        pieces = stream_answer(model, tokenizer, prompt, max_new_tokens, temperature)
+        template = finished.template
+        from qtune.types import ChatTemplate
+
+        if isinstance(template, ChatTemplate):  # rendered with the run's tokenizer, stopping at the end of the turn
+            from qtune.chat import end_of_turn_ids
+
+            prompt = template.render(template.example_messages({k: v for k, v in example.items() if k != "output"}),
+                                     tokenizer, add_generation_prompt=True)
+            pieces = stream_answer(model, tokenizer, prompt, max_new_tokens, temperature, add_special_tokens=False,
+                                   stop_ids=end_of_turn_ids(template, tokenizer))
+        else:
+            pieces = stream_answer(model, tokenizer, template.render_prompt(example), max_new_tokens, temperature)
     if stream:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -267,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 # Built-in commands kept in their own modules; each imports only click at module level.
 cli.add_command(export)
 cli.add_command(models)
+cli.add_command(chat)
 
 if __name__ == "__main__":
     main()

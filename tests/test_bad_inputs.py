@@ -295,6 +295,40 @@ def _(tmp, model):
     return ["run", config_with(tmp, model)], {"QTUNE_PLUGINS_DIR": str(tmp / "no-such-folder")}
 
 
+# --------------------------------------------------------------------------- conversations
+
+
+def conversations(*rows: list) -> str:
+    """JSON Lines of OpenAI-style conversations."""
+    return "".join(json.dumps({"messages": messages}) + "\n" for messages in rows)
+
+
+GOOD = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+case("conversation-with-instruction-template", "holds conversations", "template 'alpaca'", "template: chat")(
+    with_data("chat.jsonl", conversations(GOOD, GOOD)))
+case("conversation-without-assistant-turn", "dataset row 1", "has no assistant turn")(
+    with_data("chat.jsonl", conversations(GOOD, [{"role": "user", "content": "Hi"}]), template="chatml"))
+case("conversation-roles-out-of-order", "dataset row 0", "two assistant turns in a row")(
+    with_data("chat.jsonl", conversations(GOOD + [{"role": "assistant", "content": "Again"}], GOOD), template="chatml"))
+case("conversation-empty-message", "dataset row 1", "message 1 (assistant) is empty")(
+    with_data("chat.jsonl", conversations(GOOD, [GOOD[0], {"role": "assistant", "content": " "}]), template="chatml"))
+case("conversation-with-an-image", "dataset row 0", "'image_url' part", "only text conversations are supported")(
+    with_data("chat.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "cat.png"}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}) + "\n", template="chatml"))
+case("sharegpt-unknown-speaker", "dataset row 0", "is from 'bot'", "ShareGPT speakers are")(
+    with_data("chat.json", json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]}]),
+              template="chatml"))
+@case("conversation-column-missing", "lacks column 'dialogue'", "dataset.fields.messages")
+def _(tmp, model):
+    data = tmp / "chat.jsonl"
+    data.write_text(conversations(GOOD), encoding="utf-8")
+    dataset = {"path": str(data), "format": "messages", "fields": {"messages": "dialogue"}}
+    return ["run", config_with(tmp, model, template="chatml", dataset=dataset)], {}
+case("tokenizer-without-chat-template", "has none", "template: chatml")(
+    with_data("chat.jsonl", conversations(GOOD), template="chat"))
+
+
 # --------------------------------------------------------------------------- resume and the command line
 
 

@@ -330,14 +330,32 @@ def test_gguf_quantized_with_modelfile(run, quant, file_type):
     assert template == example + "{{ .Response }}<|endoftext|>"
 
 
-def test_ollama_template_for_chatml_keeps_the_default_system_prompt():
+@pytest.mark.parametrize("name", ["chatml", "qwen2.5", "gemma", "llama-3.1"])
+def test_ollama_template_of_a_chat_template_renders_its_turn_with_and_without_a_system_prompt(name):
+    """The Go template, filled as Ollama fills it, is the chat template's own rendering of one turn,
+    followed by the answer and the end-of-turn token; the system branch only when there is one."""
+    import re
+
     from qtune.plugins.gguf_export import ollama_template
 
-    chatml = get_host().templates.get("chatml")
-    go = ollama_template(chatml, "<|im_end|>")
-    default = go.replace("{{ if .System }}{{ .System }}{{ else }}", "").replace("{{ end }}", "")
-    assert default.replace("{{ .Prompt }}", "Hi").replace("{{ .Response }}", "") == chatml.render_prompt({"instruction": "Hi"}) + "<|im_end|>"
-    assert go.startswith("<|im_start|>system\n{{ if .System }}{{ .System }}{{ else }}You are Qwen")
+    template = get_host().templates.get(name)
+    go = ollama_template(template, "<eos>")
+
+    def fill(system, prompt):
+        text = go.replace("{{ .Prompt }}", prompt).replace("{{ .Response }}", "")
+        pattern = r"\{\{ if \.System \}\}(.*?)\{\{ else \}\}(.*?)\{\{ end \}\}"
+        text = re.sub(pattern, lambda m: m.group(1) if system else m.group(2), text, flags=re.S)
+        return text.replace("{{ .System }}", system)
+
+    user = [{"role": "user", "content": "Hi"}]
+    end = template.end_of_turn
+    assert fill("", "Hi") == template.render(user, add_generation_prompt=True) + end
+    system = [{"role": "system", "content": "Be brief."}]
+    assert fill("Be brief.", "Hi") == template.render(system + user, add_generation_prompt=True) + end
+    if name == "chatml":  # no default system prompt: nothing at all without one
+        assert go.startswith("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ else }}{{ end }}")
+    if name == "qwen2.5":  # Qwen's default in the else branch
+        assert "{{ else }}<|im_start|>system\nYou are Qwen" in go
 
 
 class Interrupted(Exporter):

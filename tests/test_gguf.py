@@ -27,6 +27,9 @@ def test_smollm2_q4_k_m_verifies_and_generates(smol_run):
     print(json.dumps({k: report[k] for k in ("top1_agreement", "top5_agreement", "max_abs_logit_diff", "tokens")}),
           result.details["bytes"], result.details["seconds"])
     assert report["passed"] and report["tokenization_identical"]
+    # a system message and two exchanges through the GGUF's own chat template, tokenized by llama.cpp:
+    # the very ids the run trains on for that conversation
+    assert report["checks"]["multi-turn conversation gives the trained token ids"] is True
     # the SmolLM2 asset's tokenizer is byte-level BPE as saved: write_gguf had nothing to repair
     assert not any("byte_fallback" in note for note in result.details.get("notes", []))
     # SmolLM2's 576-wide rows do not fit K-quant blocks of 256: llama.cpp says which tensors fell back

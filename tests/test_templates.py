@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from qtune.config import Config
-from qtune.data import IGNORE_INDEX, tokenize_example
+from qtune.data import IGNORE_INDEX, tokenize_chat_example, tokenize_example
 from qtune.plugin_manager import get_host
 
 # Copied from Unsloth's Qwen2.5 Alpaca notebook (formatting_prompts_func appends EOS_TOKEN).
@@ -62,13 +62,15 @@ def test_truncation_is_reported(templates, qwen_tokenizer_dir):
     assert set(tokenized.labels) == {IGNORE_INDEX}
 
 
-def test_chatml_prompt_matches_qwen_instruct_chat_template(templates, qwen_instruct_tokenizer_dir):
+def test_qwen25_prompt_matches_qwen_instruct_chat_template(templates, qwen_instruct_tokenizer_dir):
+    """An instruction row through a chat template is a one-turn conversation, rendered as the
+    model's own template renders it (Qwen's default system prompt included, for the qwen2.5 template)."""
     tokenizer = AutoTokenizer.from_pretrained(qwen_instruct_tokenizer_dir)
-    chatml = templates.get("chatml")
+    qwen = templates.get("qwen2.5")
     messages = [{"role": "user", "content": "Hello\n\nworld"}]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chatml.render_prompt({"instruction": "Hello", "input": "world", "output": "x"}) == expected
-    tokenized = tokenize_example({"instruction": "Hi", "output": "Hey"}, chatml, tokenizer, 512, responses_only=True)
+    assert qwen.render_prompt({"instruction": "Hello", "input": "world", "output": "x"}) == expected
+    tokenized = tokenize_chat_example({"instruction": "Hi", "output": "Hey"}, qwen, tokenizer, 512, assistant_only=True)
     assert tokenizer.decode([t for t in tokenized.labels if t != IGNORE_INDEX]) == "Hey<|im_end|>"
 
 
