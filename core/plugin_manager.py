@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "qtune.plugins.memory_monitor",
     "qtune.plugins.progress",
     "qtune.plugins.exporters",
+    "qtune.plugins.reports",
 )
 
 T = TypeVar("T")
