@@ -223,24 +223,35 @@ def _cell(field: str, row: dict[str, Any]) -> str:
 STATUS_STYLE = {"finished": "green", "running": "cyan", "resumable": "yellow", "stopped": "yellow", "failed": "red"}
 
 
-def runs_table(rows: list[dict[str, Any]], title: str):
+#: columns left out, in this order, when the table is wider than the terminal
+NARROW_DROPS = ("template", "dataset", "exports", "peak_memory_gib", "model", "eval_score", "tokens_per_second")
+
+
+def runs_table(rows: list[dict[str, Any]], title: str, width: int = 200):
+    """The `qtune runs` table, at most ``width`` columns wide: cells are never cut; in a narrow
+    terminal the less telling columns are left out (the caption names them; --json has all)."""
     from rich import box
     from rich.table import Table
 
-    # Light borders and no wrapping in the figures: twelve columns fit in 100 terminal columns; the
-    # model and dataset names give way first (cut with an ellipsis).
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    cells = [[_cell(field, row) for field, _ in COLUMNS] for row in rows]
+    widths = {field: max([len(header)] + [len(line[i]) for line in cells]) for i, (field, header) in enumerate(COLUMNS)}
+    shown = [field for field, _ in COLUMNS]
+    for field in NARROW_DROPS:
+        if sum(widths[f] + 3 for f in shown) <= width:
+            break
+        shown.remove(field)
+    hidden = [header for field, header in COLUMNS if field not in shown]
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
+                  caption=f"not shown (too narrow): {', '.join(hidden)}" if hidden else None, caption_justify="left")
+    numeric = ("steps", "final_loss", "eval_loss", "eval_score", "tokens_per_second", "peak_memory_gib")
     for field, header in COLUMNS:
-        numeric = field in ("steps", "final_loss", "eval_loss", "eval_score", "tokens_per_second", "peak_memory_gib")
-        if numeric or field == "status":
-            table.add_column(header, justify="right" if numeric else "left", no_wrap=True)
-        else:
-            table.add_column(header, overflow="ellipsis", no_wrap=True, max_width=24 if field in ("model", "dataset") else None)
-    for row in rows:
-        cells = [_cell(field, row) for field, _ in COLUMNS]
+        if field in shown:
+            table.add_column(header, justify="right" if field in numeric else "left", no_wrap=True)
+    for row, line in zip(rows, cells, strict=True):
+        values = [value for (field, _), value in zip(COLUMNS, line, strict=True) if field in shown]
         style = STATUS_STYLE.get(row["status"], "")
-        cells[-1] = f"[{style}]{cells[-1]}[/]" if style else cells[-1]
-        table.add_row(*cells)
+        values[-1] = f"[{style}]{values[-1]}[/]" if style else values[-1]
+        table.add_row(*values)
     return table
 
 
@@ -339,7 +350,7 @@ h1 { font-size: 1.5em; margin-bottom: 0; } h2 { margin-top: 1.8em; border-bottom
 .meta { color: #666; } table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 12px; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
 .chart { border: 1px solid #eee; } .finished { color: #080; } .failed { color: #b00; }
 .resumable, .stopped { color: #a60; } code { font-size: 0.95em; }
 </style>
@@ -366,6 +377,10 @@ th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: ta
 <div class="charts">
 {% for chart in charts %}<div class="chart">{{ chart | safe }}</div>
 {% endfor %}</div>
+<script type="text/javascript">
+// plotly sizes each chart as it is drawn; fit them all to their grid cells once the page is laid out
+window.addEventListener("load", () => document.querySelectorAll(".js-plotly-plot").forEach(d => Plotly.Plots.resize(d)));
+</script>
 {% if missing_charts %}<p class="meta">not logged by any of these runs: {{ missing_charts | join(", ") }}</p>{% endif %}
 
 <h2>{{ "Config differences" if only_differences else "Config" }}</h2>
@@ -498,7 +513,7 @@ def register_commands(cli):
         if not rows:
             out.print(f"no runs in {folder} (folders with a config.yaml)")
             return
-        out.print(runs_table(rows, f"runs in {folder}"))
+        out.print(runs_table(rows, f"runs in {folder}", out.width))
 
     @cli.command()
     @click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))

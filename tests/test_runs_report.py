@@ -61,7 +61,7 @@ def test_runs_lists_finished_runs_with_their_figures_sorted(two_runs):
     assert "fast" in table and "slow" in table and "finished" in table and "val loss" in table
 
 
-def _wait_for(condition, proc, seconds=300):
+def _wait_for(condition, proc, seconds=1200):  # generous: a loaded 2-core machine
     deadline = time.monotonic() + seconds
     while proc.poll() is None and time.monotonic() < deadline:
         if condition():
@@ -165,7 +165,10 @@ def open_report(html: Path, screenshot: Path | None = None) -> dict:
             page.on("pageerror", lambda e: found["page_errors"].append(str(e)))
             page.on("request", lambda r: found["requests"].append(r.url) if not r.url.startswith(("file:", "data:")) else None)
             page.goto(html.resolve().as_uri(), wait_until="load")
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length > 0")
+            # every chart drawn (plotly.js renders them one after the other), then its layout settled
+            page.wait_for_function("Array.from(document.querySelectorAll('.plotly-graph-div'))"
+                                   ".every(d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg'))")
+            page.wait_for_timeout(1000)
             found["charts"] = page.evaluate(
                 "Array.from(document.querySelectorAll('.js-plotly-plot')).map(d => "
                 "({id: d.id, title: d.layout.title.text, series: d.data.map(t => t.name), points: d.data.map(t => t.x.length),"
