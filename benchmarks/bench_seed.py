@@ -108,7 +108,7 @@ FLAG_LABELS = {"u": "unsloth imported first", "n": "--no-progress", "g": "qtune'
 # Wraps qtune.training.sft_config for flags k and i (diagnostics: qtune itself is not changed).
 SFT_OVERRIDE = (
     "import qtune.training as _t; _f = _t.sft_config\n"
-    "def _g(run, model):\n    a = _f(run, model); a.__dict__.update(OVERRIDES); return a\n"
+    "def _g(run, model, *args, **kwargs):\n    a = _f(run, model, *args, **kwargs); a.__dict__.update(OVERRIDES); return a\n"
     "_t.sft_config = _g\n"
 )
 

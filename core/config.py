@@ -258,8 +258,12 @@ def describe_validation_error(exc: ValidationError, data: Any) -> str:
     more = f" (and {exc.error_count() - 1} more problem{'s' if exc.error_count() > 2 else ''})" if exc.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.5)
+        # two keys about as close (batch_size: the train and the eval batch sizes): name both
+        ratios = [difflib.SequenceMatcher(None, loc[-1], key).ratio() for key in close]
+        close = close if len(close) == 2 and ratios[0] - ratios[1] < 0.05 else close[:1]
+        names = " or ".join(repr(".".join(loc[:-1] + [key])) for key in close)
+        hint = f"did you mean {names}?" if close else f"valid keys here: {', '.join(valid)}"
         return f"unknown config key {path!r}; {hint}{more}"
     value = first.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
