@@ -103,16 +103,3 @@ def missing_modules(*modules: str) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed"
     return None
-
-
-def current_memory_gib() -> float:
-    """GPU memory reserved by torch now, or the process's resident memory without a GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.memory_reserved() / 1024**3
-    import resource
-
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 1024**3

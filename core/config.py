@@ -65,7 +65,7 @@ class DatasetConfig(Section):
     #: use only the first N rows (after shuffling when shuffle is on)
     limit: Optional[int] = Field(None, gt=0)
     shuffle: bool = False
-    #: rows held out for evaluation (taken from the end, never trained on)
+    #: rows held out from training (taken from the end): the validation loss and exact match use them
     eval_size: int = Field(0, ge=0)
     #: loader-specific settings (the demo task generator reads size and seed here)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -100,6 +100,38 @@ class TrainingConfig(Section):
     save_steps: int = Field(0, ge=0)
     save_total_limit: Optional[int] = Field(2, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
+    #: validation loss on the held-out rows every N steps (0: once, at the end); needs dataset.eval_size
+    eval_steps: int = Field(0, ge=0)
+    #: rows per validation batch (none: per_device_train_batch_size)
+    per_device_eval_batch_size: Optional[int] = Field(None, gt=0)
+    #: stop when the validation loss has not improved for N evaluations in a row (0: never)
+    early_stopping_patience: int = Field(0, ge=0)
+    #: how much lower than the best so far a validation loss must be to count as an improvement
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    #: experiment trackers fed through transformers' integrations: tensorboard, trackio, wandb, mlflow, ...
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_as_list(cls, value: Any) -> Any:
+        # `report_to: tensorboard` is shorthand for `[tensorboard]`; "none" (transformers' word) is []
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = [v for v in value if v != "none"]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        from .trackers import TRACKERS
+
+        for name in value:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, list(TRACKERS), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(TRACKERS)}"
+                raise ValueError(f"training.report_to: unknown tracker {name!r}; {hint}")
+        return list(dict.fromkeys(value))
 
 
 class EvaluationConfig(Section):
@@ -152,6 +184,10 @@ class Config(Section):
     def _check_consistency(self) -> Config:
         if self.evaluation.exact_match and self.dataset.eval_size == 0:
             raise ValueError("evaluation.exact_match needs held-out rows: set dataset.eval_size")
+        if self.training.eval_steps and self.dataset.eval_size == 0:
+            raise ValueError("training.eval_steps needs held-out rows for the validation loss: set dataset.eval_size")
+        if self.training.early_stopping_patience and not self.training.eval_steps:
+            raise ValueError("training.early_stopping_patience needs a validation loss during training: set training.eval_steps")
         return self
 
     def to_yaml(self) -> str:
@@ -234,8 +270,12 @@ def describe_validation_error(exc: ValidationError, data: Any) -> str:
     more = f" (and {exc.error_count() - 1} more problem{'s' if exc.error_count() > 2 else ''})" if exc.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.5)
+        # two keys about as close (batch_size: the train and the eval batch sizes): name both
+        ratios = [difflib.SequenceMatcher(None, loc[-1], key).ratio() for key in close]
+        close = close if len(close) == 2 and ratios[0] - ratios[1] < 0.05 else close[:1]
+        names = " or ".join(repr(".".join(loc[:-1] + [key])) for key in close)
+        hint = f"did you mean {names}?" if close else f"valid keys here: {', '.join(valid)}"
         return f"unknown config key {path!r}; {hint}{more}"
     value = first.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from .config import Config
 from .errors import QtuneError, describe
 from .types import ChatTemplate, PromptTemplate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
 
 IGNORE_INDEX = -100
 #: the row's index in the dataset as loaded (before shuffling and the eval split); findings name it
@@ -327,21 +329,24 @@ def trainable(encoded):
     return trained.select_columns(["input_ids", "labels"])
 
 
-def tokenize_rows(rows, template: PromptTemplate, tokenizer, config: Config):
-    """A ``datasets.Dataset`` with input_ids and labels, ready for trl's SFTTrainer, and its stats."""
+def tokenize_rows(rows, template: PromptTemplate, tokenizer, config: Config, held_out: bool = False):
+    """A ``datasets.Dataset`` with input_ids and labels, ready for trl's SFTTrainer, and its stats.
+    ``held_out``: the rows are dataset.eval_size's, for the validation loss (the errors say so)."""
     encoded = encode_rows(rows, template, tokenizer, config)
     errors = [(row, error) for row, error in zip(encoded["row"], encoded["error"], strict=True) if error]
     if errors:
         row, error = errors[0]
-        raise QtuneError(f"dataset row {row}: template {template.name!r} failed to render it: {error}; fix the row or the template")
+        place = "held-out dataset row" if held_out else "dataset row"
+        raise QtuneError(f"{place} {row}: template {template.name!r} failed to render it: {error}; fix the row or the template")
     problems = [(row, problem) for row, problem in zip(encoded["row"], encoded["problem"], strict=True) if problem]
     if problems:
         row, problem = problems[0]
         raise QtuneError(f"dataset row {row}: the conversation {problem}; fix or remove the row")
     dataset = trainable(encoded)
     if len(dataset) == 0:
+        which = "held-out row (dataset.eval_size), so there is no validation loss," if held_out else "training example"
         raise QtuneError(
-            "every training example has all labels masked (-100); raise model.max_seq_length or turn off "
+            f"every {which} has all labels masked (-100); raise model.max_seq_length or turn off "
             "training.train_on_responses_only"
         )
     return dataset, encoded_stats(encoded)

@@ -23,7 +23,7 @@ from .config import Config
 from .errors import QtuneError, first_line
 from .fsutil import atomic_dir, atomic_file, read_json_dict
 from .plugin_manager import get_host
-from .run import ADAPTER_DIR, RunContext
+from .run import ADAPTER_DIR, RUNNING_FILE, RunContext
 from .training import (
     CHECKPOINTS_DIR,
     call_callbacks,
@@ -219,6 +219,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
             ctx.summary["eval_before"] = previous["eval_before"]
     verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
     console.print(f"{verb}: [bold]{run_dir}[/]  backend: [bold]{backend.name}[/]  model: {report.model_path}", soft_wrap=True)
+    mark_running(run_dir)
     try:
         call_callbacks(callbacks, "on_run_start", ctx)
         _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint)
@@ -234,9 +235,21 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
             except Exception:
                 pass
         _write_summary(ctx)
+        (run_dir / RUNNING_FILE).unlink(missing_ok=True)
         raise
     _write_summary(ctx)
+    (run_dir / RUNNING_FILE).unlink(missing_ok=True)
     return ctx
+
+
+def mark_running(run_dir: Path) -> None:
+    """Write RUN_DIR/running.json (this process's id and host) for as long as the run goes on, so
+    `qtune runs` tells a run in progress from one that was killed (the file stays, the process is gone)."""
+    import os
+    import socket
+
+    with atomic_file(run_dir / RUNNING_FILE) as handle:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, handle)
 
 
 def _apply_profile(config: Config, backend, console) -> Config:
@@ -305,7 +318,9 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
 
     from .training import train
 
-    train(ctx, model, tokenizer, train_dataset, callbacks, resume_from=str(checkpoint) if checkpoint is not None else None)
+    eval_dataset = validation_rows(report.held_out, template, tokenizer, config)
+    train(ctx, model, tokenizer, train_dataset, callbacks, resume_from=str(checkpoint) if checkpoint is not None else None,
+          eval_dataset=eval_dataset)
     adapter = save_adapter(ctx, model, tokenizer)
     call_callbacks(callbacks, "on_save", ctx, adapter)
 
@@ -320,10 +335,23 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
         ctx.summary["exports"] = run_exports(FinishedRun(ctx.run_dir, config), config.exports, console)
 
 
+def validation_rows(held_out, template, tokenizer, config):
+    """The held-out rows (dataset.eval_size) tokenized and masked as the training rows are, for the
+    validation loss; None without held-out rows. Rows with nothing to score (every label masked) are
+    left out, as in training; none left is refused."""
+    if held_out is None:
+        return None
+    from .data import tokenize_rows
+
+    return tokenize_rows(held_out, template, tokenizer, config, held_out=True)[0]
+
+
 def _exact_match(ctx, backend, model, tokenizer, template, rows, label, callbacks):
     from .evaluation import exact_match
 
     evaluation = ctx.config.evaluation
+    # A note first: greedy generation for every held-out row can take minutes on a CPU.
+    ctx.console.print(f"[dim]exact match {label}: generating answers to {len(rows)} held-out prompts ...[/]")
     started = time.perf_counter()
     result = exact_match(backend.for_inference(model), tokenizer, template, rows, evaluation.max_new_tokens, evaluation.batch_size)
     result["seconds"] = round(time.perf_counter() - started, 2)

@@ -38,6 +38,7 @@ BUILTIN_PLUGINS = (
     "qtune.plugins.progress",
     "qtune.plugins.hf_exports",
     "qtune.plugins.gguf_export",
+    "qtune.plugins.reports",
 )
 
 T = TypeVar("T")

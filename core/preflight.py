@@ -127,6 +127,17 @@ def check_settings(report: Report, resuming: bool = False) -> None:
     if not resuming:
         _check_output(report)
     _check_model(report)
+    _check_trackers(report)
+
+
+def _check_trackers(report: Report) -> None:
+    from .trackers import missing_tracker
+
+    for name in report.config.training.report_to:
+        requirement = missing_tracker(name)
+        if requirement is not None:
+            report.add(ERROR, "training.report_to", f"tracker {name!r} is not installed",
+                       f"install it with `pip install {requirement}` or take it out of the list")
 
 
 def _check_output(report: Report) -> None:

@@ -4,10 +4,12 @@ Layout of ``OUTPUT_DIR/NAME/``::
 
     config.yaml      the resolved config the run used (profile applied)
     preflight.json   what the checks before training found, and the data's fingerprint (for resume)
-    metrics.jsonl    one JSON record per logged step or evaluation
+    metrics.jsonl    one JSON record per logged step or evaluation (validation loss: ``eval_loss``)
     summary.json     final figures (memory, evaluation, timings), written when the run ends
+    running.json     the training process's id and host, present while it runs
     adapter/         the LoRA adapter and tokenizer, in peft's format
     checkpoints/     resumable trainer checkpoints (training.save_steps)
+    tensorboard/     TensorBoard event files (training.report_to: [tensorboard])
     exports/         one folder per exported format
 """
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
 
 ADAPTER_DIR = "adapter"
+#: present while a process trains the run; a killed run leaves it behind (`qtune runs` checks the process)
+RUNNING_FILE = "running.json"
 
 
 @dataclass

@@ -20,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QtuneError
+from .memory import current_memory_gib
 from .run import RunContext
 from .types import TrainingCallback
 
 #: trainer checkpoints live in RUN_DIR/checkpoints/checkpoint-STEP
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+#: eval_steps that no step reaches: the trainer then evaluates once, at the last step
+#: (transformers' DefaultFlowCallback evaluates at the end whenever the last step is no multiple)
+EVAL_AT_END_ONLY = 2**31 - 1
 
 
 class NonFiniteLoss(QtuneError):
@@ -38,7 +44,9 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def sft_config(run: RunContext, model) -> Any:
+def sft_config(run: RunContext, model, validate: bool = False) -> Any:
+    """trl's SFTConfig for ``run``; ``validate``: there are held-out rows to compute the validation
+    loss on (every training.eval_steps and at the end)."""
     from trl import SFTConfig
 
     config = run.config
@@ -78,12 +86,30 @@ def sft_config(run: RunContext, model) -> Any:
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to="none",
+        report_to=[name for name in t.report_to if name != "tensorboard"] or "none",  # train() adds TensorBoard itself
+        run_name=run.run_dir.name,
         disable_tqdm=True,
         dataset_num_proc=None,
         gradient_checkpointing=False,  # the backend set it up when it added LoRA
         remove_unused_columns=True,
+        **(validation_settings(t) if validate else {}),
     )
+
+
+def validation_settings(t) -> dict[str, Any]:
+    """The SFTConfig keys of the validation loss: trl/transformers' own evaluation loop on the
+    held-out rows, tokenized and masked as the training rows are. With packing, trl packs them too and
+    its padding-free collator gives each example its own positions (no attention across examples)."""
+    settings: dict[str, Any] = {
+        "eval_strategy": "steps",
+        "eval_steps": t.eval_steps or EVAL_AT_END_ONLY,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size or t.per_device_train_batch_size,
+        "prediction_loss_only": True,  # never gather the logits (vocabulary x tokens) of every row
+    }
+    if t.early_stopping_patience:
+        # What EarlyStoppingCallback compares; the adapter saved is the model when training stops.
+        settings.update(metric_for_best_model="eval_loss", greater_is_better=False)
+    return settings
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -142,7 +168,7 @@ def batch_tokens(inputs) -> Any:
     return int(ids.numel()) if ids is not None else 0
 
 
-def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
+def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: int = 0):
     """A transformers TrainerCallback that forwards the trainer's events to qtune's callbacks."""
     from transformers import TrainerCallback
 
@@ -154,10 +180,14 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
             self.last_tokens = 0.0
             self.params = []  # the trained weights, set when training starts
             self.step_losses = []  # this optimizer step's micro-batch losses, still on the device
+            self.eval_seconds = 0.0  # time spent evaluating since the last training record
+            self.eval_batches = (0, 0)  # (done, total) of the evaluation under way
+            self.eval_started = 0.0
+            self.eval_rows = eval_rows  # held-out examples (before any packing)
 
         def watch(self, trainer) -> None:
             """Count each micro-batch's tokens and keep its loss (on the device: no sync) for the
-            check at the step's end."""
+            check at the step's end; announce each evaluation before its first batch."""
             training_step = trainer.training_step
 
             def watched_training_step(*args, **kwargs):
@@ -169,12 +199,32 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
                 return loss
 
             trainer.training_step = watched_training_step
+            evaluate = getattr(trainer, "evaluate", None)
+            if evaluate is None:
+                return
+
+            def watched_evaluate(*args, **kwargs):
+                # The trainer calls self.evaluate at each eval step; tell the callbacks before the
+                # first batch, since an evaluation can take long on a CPU. With packing, trl's
+                # eval_dataset holds packed rows, and the batches are made of those.
+                dataset = trainer.eval_dataset
+                batched = len(dataset) if dataset is not None else 0
+                total = math.ceil(batched / max(trainer.args.per_device_eval_batch_size, 1))
+                self.eval_batches = (0, total)
+                self.eval_started = time.perf_counter()
+                call_callbacks(callbacks, "on_evaluate_start", run, "validation loss", total)
+                try:
+                    return evaluate(*args, **kwargs)
+                finally:
+                    self.eval_seconds += time.perf_counter() - self.eval_started
+
+            trainer.evaluate = watched_evaluate
 
         def on_train_begin(self, args, state, control, **kwargs):
             run.total_steps = state.max_steps
             self.start_step = state.global_step
             self.last_time = time.perf_counter()
-            self.tokens, self.last_tokens = 0, 0.0
+            self.tokens, self.last_tokens, self.eval_seconds = 0, 0.0, 0.0
             model = kwargs.get("model")
             self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
             self.step_losses = []
@@ -190,9 +240,16 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
                 what = f"the loss became {bad[0]}" if bad else "the LoRA weights became NaN/inf"
                 raise NonFiniteLoss(divergence_message(run, state.global_step, what))
 
+        def on_prediction_step(self, args, state, control, **kwargs):
+            done, total = self.eval_batches
+            self.eval_batches = (done + 1, total)
+            call_callbacks(callbacks, "on_evaluate_step", run, done + 1, total)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = dict(logs or {})
-            if "loss" not in logs:
+            if logs is not None and "eval_loss" in logs:
+                self.log_validation(state, logs)
+                return
+            if logs is None or "loss" not in logs:
                 return
             now = time.perf_counter()
             metrics: dict[str, float] = {
@@ -205,14 +262,30 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
             if "grad_norm" in logs and logs["grad_norm"] is not None:
                 metrics["grad_norm"] = float(logs["grad_norm"])
             tokens = float(self.tokens)  # a GPU count is read after on_step_end's sync
-            elapsed = now - self.last_time
+            elapsed = now - self.last_time - self.eval_seconds  # training time only
             if elapsed > 0 and tokens > self.last_tokens:
                 metrics["tokens_per_second"] = (tokens - self.last_tokens) / elapsed
             metrics["num_tokens"] = tokens
+            metrics["memory_gib"] = round(current_memory_gib(), 4)
             self.last_tokens = tokens
-            self.last_time = now
+            self.last_time, self.eval_seconds = now, 0.0
+            # This callback runs first, and the trainer hands every callback the same dict: the
+            # trackers (report_to) log tokens/s and memory with the loss.
+            logs.update({k: metrics[k] for k in ("tokens_per_second", "memory_gib") if k in metrics})
             run.log_metrics({"step": state.global_step, **metrics})
             call_callbacks(callbacks, "on_step_end", run, state.global_step, metrics)
+
+        def log_validation(self, state, logs) -> None:
+            loss = float(logs["eval_loss"])
+            seconds = float(logs.get("eval_runtime", time.perf_counter() - self.eval_started))
+            result = {"step": state.global_step, "eval_loss": loss, "rows": self.eval_rows, "seconds": round(seconds, 2)}
+            run.log_metrics({"step": state.global_step, "eval_loss": loss, "eval_seconds": round(seconds, 3)})
+            summary = run.summary
+            summary["eval_loss"], summary["eval_loss_step"] = round(loss, 6), state.global_step
+            if loss < summary.get("best_eval_loss", math.inf):
+                summary["best_eval_loss"], summary["best_eval_loss_step"] = round(loss, 6), state.global_step
+            run.console.print(f"validation loss {loss:.4f} at step {state.global_step} ({self.eval_rows} rows, {seconds:.1f} s)")
+            call_callbacks(callbacks, "on_evaluate", run, result)
 
         def on_save(self, args, state, control, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -314,19 +387,38 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 # --------------------------------------------------------------------------- training
 
 
-def train(run: RunContext, model, tokenizer, train_dataset, callbacks: list[TrainingCallback], resume_from: str | None = None):
-    from transformers import PrinterCallback
+def train(
+    run: RunContext,
+    model,
+    tokenizer,
+    train_dataset,
+    callbacks: list[TrainingCallback],
+    resume_from: str | None = None,
+    eval_dataset=None,
+):
+    """Train with trl's SFTTrainer; ``eval_dataset`` (tokenized like ``train_dataset``) gives the
+    validation loss."""
+    from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTTrainer
 
-    bridge = make_bridge(run, callbacks)
+    from .trackers import tracker_callbacks
+
+    t = run.config.training
+    bridge = make_bridge(run, callbacks, eval_rows=len(eval_dataset) if eval_dataset is not None else 0)
+    extra = []
+    if eval_dataset is not None and t.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(run, model),
+        args=sft_config(run, model, validate=eval_dataset is not None),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[bridge],
+        callbacks=[*tracker_callbacks(run), *extra],
     )
     bridge.watch(trainer)
+    # First, so that the numbers it adds to each log (tokens/s, memory) reach the trackers too.
+    trainer.callback_handler.callbacks.insert(0, bridge)
     # Progress and metrics reach the user through qtune's callbacks and metrics.jsonl.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -339,4 +431,11 @@ def train(run: RunContext, model, tokenizer, train_dataset, callbacks: list[Trai
     run.summary["train_runtime_s"] = round(time.perf_counter() - started, 2)
     run.summary["train_loss"] = round(float(result.training_loss), 6)
     run.summary["steps"] = int(result.global_step)
+    stopper = next((c for c in extra if isinstance(c, EarlyStoppingCallback)), None)
+    if stopper is not None and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience:
+        run.summary["early_stopped"] = True
+        run.console.print(
+            f"early stopping at step {result.global_step}: no better validation loss for {t.early_stopping_patience} "
+            f"evaluations (best {run.summary.get('best_eval_loss')} at step {run.summary.get('best_eval_loss_step')})"
+        )
     return trainer

@@ -251,7 +251,15 @@ class TrainingCallback:
 
     def on_step_end(self, run: RunContext, step: int, metrics: dict[str, float]) -> None: ...
 
-    def on_evaluate(self, run: RunContext, metrics: dict[str, Any]) -> None: ...
+    def on_evaluate_start(self, run: RunContext, name: str, total: int) -> None:
+        """An evaluation begins: ``name`` says which ("validation loss"), ``total`` counts its batches."""
+
+    def on_evaluate_step(self, run: RunContext, done: int, total: int) -> None:
+        """``done`` of the evaluation's ``total`` batches are through."""
+
+    def on_evaluate(self, run: RunContext, metrics: dict[str, Any]) -> None:
+        """An evaluation's result: the validation loss (``eval_loss``, ``step``, ``rows``, ``seconds``)
+        or the exact match (``accuracy``, ``correct``, ``total``, ``when``)."""
 
     def on_save(self, run: RunContext, path: Path) -> None: ...
 

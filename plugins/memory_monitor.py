@@ -3,22 +3,9 @@ by training, and each as a share of the card. On CPU it reports the process's re
 
 from __future__ import annotations
 
-import resource
 import time
 
-from qtune.api import TrainingCallback, current_memory_gib, hookimpl
-
-GIB = 1024**3
-
-
-def _cuda():
-    import torch
-
-    return torch.cuda if torch.cuda.is_available() else None
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+from qtune.api import GIB, TrainingCallback, cuda_if_present, current_memory_gib, hookimpl, peak_rss_gib
 
 
 class MemoryMonitor(TrainingCallback):
@@ -27,7 +14,7 @@ class MemoryMonitor(TrainingCallback):
 
     def on_train_start(self, run):
         self.started = time.perf_counter()
-        cuda = _cuda()
+        cuda = cuda_if_present()
         if cuda is not None:
             props = cuda.get_device_properties(0)
             self.total = props.total_memory / GIB
@@ -40,7 +27,7 @@ class MemoryMonitor(TrainingCallback):
             run.console.print(f"CPU training. {self.start:.3f} GB resident at start.")
 
     def on_train_end(self, run):
-        cuda = _cuda()
+        cuda = cuda_if_present()
         if cuda is not None:
             peak = cuda.max_memory_reserved() / GIB
             report = {

@@ -47,6 +47,8 @@ def cli():
     qtune generate runs/NAME -i ..  stream an answer from the trained adapter
     qtune chat runs/NAME            talk with it, turn by turn (chat templates)
     qtune export runs/NAME -f gguf  save as LoRA, merged 16-bit / 4-bit or GGUF
+    qtune runs                      list the runs in ./runs: losses, scores, speed, status
+    qtune report runs/A runs/B      one HTML page with their curves, config differences, exports
     """
 
 
@@ -133,6 +135,9 @@ def _print_summary(out, ctx) -> None:
     for key in ("steps", "train_loss", "train_runtime_s"):
         if key in summary:
             table.add_row(key, str(summary[key]))
+    if "eval_loss" in summary:
+        best = f"; best {summary['best_eval_loss']} at step {summary['best_eval_loss_step']}" if "best_eval_loss" in summary else ""
+        table.add_row("validation loss", f"{summary['eval_loss']} at step {summary['eval_loss_step']}{best}")
     for key, label in (("eval_before", "exact match before"), ("eval_after", "exact match after")):
         if key in summary:
             result = summary[key]

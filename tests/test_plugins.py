@@ -162,7 +162,7 @@ def test_progress_bar_redraws_once_per_step_without_a_refresh_thread():
     run = SimpleNamespace(console=Console(file=buffer, force_terminal=True, width=80), total_steps=3)
     progress = get_host().callbacks.get("rich_progress")()
     progress.on_train_start(run)
-    assert progress.progress.live._refresh_thread is None
+    assert progress.live._refresh_thread is None
     for step in (1, 2, 3):
         progress.on_step_end(run, step, {"loss": 1.0 / step, "learning_rate": 2e-4, "tokens_per_second": 1234.0})
     progress.on_train_end(run)
