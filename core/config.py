@@ -81,6 +81,9 @@ class TrainingConfig(Section):
     #: seed: the settings as written; fast: packing, a bigger micro-batch and, where memory allows,
     #: no gradient checkpointing (qtune.profiles.apply_profile; docs/benchmarks.md)
     profile: Literal["seed", "fast"] = "seed"
+    #: on several processes (qtune run --gpus N): ddp keeps a whole model per GPU, fsdp shards it;
+    #: auto picks ddp when a replica fits one GPU, else fsdp (qtune.distributed.plan; docs/distributed.md)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     train_on_responses_only: bool = False
     #: runs are written to OUTPUT_DIR/RUN_NAME
     output_dir: str = "runs"

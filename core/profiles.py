@@ -241,6 +241,8 @@ def apply_profile(
     gpu_total_gib: Optional[float],
     shape: Optional[ModelShape] = None,
     backend: str = "unsloth",
+    processes: int = 1,
+    sharded: bool = False,
 ) -> Config:
     """Return a copy of ``config`` with ``config.training.profile`` applied (see the module doc).
 
@@ -249,6 +251,10 @@ def apply_profile(
     :func:`model_shape_for` of ``config.model.name``; without one the fast profile keeps
     checkpointing on, which fits wherever the seed fits. ``backend`` is the backend that will run
     ("unsloth" or "transformers"); the estimate for plain transformers is more cautious.
+
+    On ``processes`` GPUs the micro-batch is planned per GPU (with ``sharded``, against the memory
+    of one FSDP shard, :func:`qtune.distributed.sharded_memory_gib`) and the accumulation is divided
+    among the processes, so that an optimizer step still holds the seed's token capacity.
     """
     profile = getattr(config.training, "profile", "seed")
     new = config.model_copy(deep=True)
@@ -267,10 +273,12 @@ def apply_profile(
         budget = gpu_total_gib * MEMORY_HEADROOM_FRACTION
 
         def fits(n: int, ckpt: Union[bool, str]) -> bool:
-            need = estimate_memory_gib(
-                shape, n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit, backend
-            )
-            return need <= budget
+            args = (n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit)
+            if sharded:
+                from .distributed import sharded_memory_gib
+
+                return sharded_memory_gib(shape, args[0], processes, *args[1:], backend="transformers") <= budget
+            return estimate_memory_gib(shape, *args, backend) <= budget
 
         no_ckpt_rows = next((n for n in range(target_rows, 0, -1) if fits(n, False)), 0)
         if no_ckpt_rows and no_ckpt_rows >= max(1, math.ceil(target_rows * MIN_NO_CHECKPOINT_SHARE)):
@@ -282,7 +290,7 @@ def apply_profile(
     seed_capacity = train.per_device_train_batch_size * train.gradient_accumulation_steps
     new.training.packing = True
     new.training.per_device_train_batch_size = rows
-    new.training.gradient_accumulation_steps = max(1, round(seed_capacity / rows))
+    new.training.gradient_accumulation_steps = max(1, round(seed_capacity / (rows * processes)))
     new.lora.gradient_checkpointing = checkpointing
     return new
 

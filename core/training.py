@@ -41,6 +41,8 @@ def cuda_available() -> bool:
 def sft_config(run: RunContext, model) -> Any:
     from trl import SFTConfig
 
+    from .distributed import trainer_arguments
+
     config = run.config
     t = config.training
     on_gpu = cuda_available()
@@ -83,6 +85,7 @@ def sft_config(run: RunContext, model) -> Any:
         dataset_num_proc=None,
         gradient_checkpointing=False,  # the backend set it up when it added LoRA
         remove_unused_columns=True,
+        **trainer_arguments(run, model),  # DDP or FSDP on several processes (qtune.distributed)
     )
 
 
@@ -233,7 +236,8 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback]):
                 raise NonFiniteLoss(divergence_message(run, state.global_step, f"the loss became {metrics['loss']}"))
             if "grad_norm" in logs and logs["grad_norm"] is not None:
                 metrics["grad_norm"] = float(logs["grad_norm"])
-            tokens = float(self.tokens)  # a GPU count is read after on_step_end's sync
+            # a GPU count is read after on_step_end's sync; on several processes, the sum over ranks
+            tokens = run.total(float(self.tokens))
             elapsed = now - self.last_time
             if elapsed > 0 and tokens > self.last_tokens:
                 metrics["tokens_per_second"] = (tokens - self.last_tokens) / elapsed
