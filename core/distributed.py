@@ -465,8 +465,11 @@ def launch(worker_args: list[str], launch_request: Launch, run_dir: Path) -> Non
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # torch elastic logs each step of its own work (rendezvous, closing signals, failures) as warnings
-    # and errors; qtune says what happened in one line instead.
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL + 1)
+    # and errors; qtune says what happened in one line instead. torch gives some of these loggers
+    # levels of their own, so each is silenced, not only their parent.
+    for name in ["torch.distributed", *logging.Logger.manager.loggerDict]:
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     processes = launch_request.processes
     os.environ.update(worker_environment(launch_request.device, processes, run_dir))
     logs = DefaultLogsSpecs(log_dir=str(run_dir / LOGS_DIR), redirects={r: Std.ALL for r in range(1, processes)})
