@@ -146,11 +146,6 @@ class Ranks:
                 dist.destroy_process_group()
 
 
-def current_ranks() -> Ranks:
-    """Ranks from the environment (not joined): cheap, for deciding who prints and writes."""
-    return Ranks.from_env()
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -475,7 +470,7 @@ def launch(worker_args: list[str], launch_request: Launch, run_dir: Path) -> Non
     logs = DefaultLogsSpecs(log_dir=str(run_dir / LOGS_DIR), redirects={r: Std.ALL for r in range(1, processes)})
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"qtune-{os.getpid()}", rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, logs_specs=logs, shutdown_timeout=10,
+        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, logs_specs=logs, shutdown_timeout=5,
     )
     try:
         elastic_launch(launch_config, sys.executable)("-u", "-m", "qtune_cli", *worker_args)

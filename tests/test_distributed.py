@@ -138,7 +138,9 @@ def test_kill_9_of_one_rank_stops_all_in_one_line_and_resumes_on_one_process(two
     assert victim is not None, "the run ended before it could be killed"
     stdout, stderr = proc.communicate(timeout=60)
     stopped_after = time.monotonic() - killed_at
-    assert stopped_after < 15, stopped_after
+    # torch elastic notices within 0.1 s and stops rank 0 (SIGTERM, SIGKILL 5 s later); under 15 s and 18 s were
+    # measured with six jobs sharing two cores, so the bound leaves room for a loaded CI machine
+    assert stopped_after < 30, stopped_after
     line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     assert line.startswith("Error: rank 1 ") and "killed by SIGKILL" in line, line
     assert "checkpoint-2 is complete: resume with `qtune run --resume" in line, line
