@@ -91,6 +91,9 @@ class TrainingConfig(Section):
     #: GPU memory (GiB) the fast profile plans for when less than the card's (a shared GPU, or
     #: sizing a run for a smaller card on a larger one); none: the whole card
     memory_budget_gib: Optional[float] = Field(None, gt=0)
+    #: on several processes (qtune run --gpus N): ddp keeps a whole model per GPU, fsdp shards it;
+    #: auto picks ddp when a replica fits one GPU, else fsdp (qtune.distributed.plan; docs/distributed.md)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     #: true: train the response (every assistant turn) and its end token only; false: every token;
     #: auto: assistant turns only with a chat template, every token with an instruction template (the seed)
     train_on_responses_only: Union[bool, Literal["auto"]] = "auto"

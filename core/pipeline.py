@@ -8,6 +8,9 @@ the model loads, still before the run directory exists).
 
 ``--resume RUN_DIR`` continues a run from its last complete checkpoint with the run's saved
 config.yaml; see :func:`open_for_resume` and docs/reliability.md.
+
+On several processes (:mod:`qtune.distributed`) every rank runs :func:`run` on a run directory
+prepared beforehand; only rank 0 writes into it and prints (the others get a quiet console).
 """
 
 from __future__ import annotations
@@ -159,25 +162,37 @@ def load_model(backend: Backend, config: Config, model_path: str):
             raise
 
 
-def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None = None, resume: Path | None = None) -> RunContext:
+def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None = None, resume: Path | None = None,
+        ranks=None, prepared: Path | None = None) -> RunContext:
     """Train ``config``. With ``resume`` (a run directory whose config.yaml gave ``config``),
-    continue that run from its last complete checkpoint instead of starting a new one."""
+    continue that run from its last complete checkpoint instead of starting a new one.
+
+    On several processes, ``ranks`` is this process's :class:`qtune.distributed.Ranks` and
+    ``prepared`` the run directory :func:`qtune.distributed.prepare_run` made (unless resuming):
+    its preflight findings were printed then, so they are not printed again."""
+    from .distributed import DISTRIBUTED_FILE, Ranks, join_ranks
     from .preflight import PREFLIGHT_VERSION, check_tokens, data_fingerprint, preflight
 
+    ranks = ranks or Ranks()
     host = get_host()
     template = host.templates.get(config.template)
     backend = choose_backend(config)
     callbacks = make_callbacks(config, extra_callbacks or [])
+    if not ranks.is_main:  # rank 0 reports for all; a callback may ask to run on every rank
+        callbacks = [cb for cb in callbacks if getattr(cb, "every_rank", False)]
     checkpoint = None
     if resume is not None:
         _, checkpoint = open_for_resume(resume)  # its config.yaml already holds the applied profile
-    else:
+    elif prepared is None:
         config = _apply_profile(config, backend, console)
 
     early = _tokens_before_model(backend)
-    report = preflight(config, load_tokenizer=early, resuming=resume is not None)
+    if ranks.distributed or (resume is not None and (Path(resume) / DISTRIBUTED_FILE).is_file()):
+        # several processes, or a run resumed on another number of processes than it trained on
+        config, layout = join_ranks(ranks, config, early, resume or prepared, backend, console)
+    report = preflight(config, load_tokenizer=early, resuming=resume is not None or prepared is not None)
     report.raise_for_errors()
-    printed = _print_new_findings(report, console, 0)
+    printed = len(report.findings) if prepared is not None else _print_new_findings(report, console, 0)
     model = tokenizer = None
     if not early:
         # Nothing may import torch or transformers before such a backend loads the model, not even
@@ -194,15 +209,16 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
 
     fingerprint = data_fingerprint(trainable(report.encoded))
     last_time = 0.0
-    if resume is not None:
-        run_dir = Path(resume)
+    if resume is not None or prepared is not None:
+        run_dir = Path(resume or prepared)
         saved = read_json_dict(run_dir / PREFLIGHT_FILE)
         if saved.get("fingerprint") not in (None, fingerprint):
             raise QtuneError(
                 f"the training data of {str(run_dir)!r} changed since the run started (dataset or tokenizer), so resuming "
                 f"would not continue the same run; restore the data or start a new run"
             )
-        last_time = _prepare_resume(run_dir, checkpoint)
+        if checkpoint is not None and ranks.is_main:
+            last_time = _prepare_resume(run_dir, checkpoint)
     else:
         run_dir = new_run_dir(config)
         run_dir.mkdir(parents=True)
@@ -210,8 +226,11 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
             handle.write(config.to_yaml())
         with atomic_file(run_dir / PREFLIGHT_FILE) as handle:
             json.dump({"version": PREFLIGHT_VERSION, "fingerprint": fingerprint, **report.to_json()}, handle, indent=2, default=str)
-    ctx = RunContext(config=config, run_dir=run_dir, console=console, backend_name=backend.name, model_path=report.model_path)
-    ctx.started_at -= last_time
+    ctx = RunContext(config=config, run_dir=run_dir, console=console, backend_name=backend.name, model_path=report.model_path,
+                     ranks=ranks if ranks.distributed else None)
+    if ranks.distributed:
+        ctx.summary["distributed"] = layout
+    ctx.started_at = ranks.share(ctx.started_at - last_time)  # one clock for metrics.jsonl
     if checkpoint is not None:
         ctx.summary["resumed_from"] = checkpoint.name
         previous = read_json_dict(run_dir / "summary.json")
@@ -219,7 +238,8 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
             ctx.summary["eval_before"] = previous["eval_before"]
     verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
     console.print(f"{verb}: [bold]{run_dir}[/]  backend: [bold]{backend.name}[/]  model: {report.model_path}", soft_wrap=True)
-    mark_running(run_dir)
+    if ranks.is_main:
+        mark_running(run_dir)
     try:
         call_callbacks(callbacks, "on_run_start", ctx)
         _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint)
@@ -234,11 +254,13 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
                 cb.on_error(ctx, error)
             except Exception:
                 pass
+        if ranks.is_main:
+            _write_summary(ctx)
+            (run_dir / RUNNING_FILE).unlink(missing_ok=True)
+        raise
+    if ranks.is_main:
         _write_summary(ctx)
         (run_dir / RUNNING_FILE).unlink(missing_ok=True)
-        raise
-    _write_summary(ctx)
-    (run_dir / RUNNING_FILE).unlink(missing_ok=True)
     return ctx
 
 
@@ -252,8 +274,8 @@ def mark_running(run_dir: Path) -> None:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, handle)
 
 
-def _apply_profile(config: Config, backend, console) -> Config:
-    """Resolve ``training.profile`` for the GPU at hand; the run directory keeps the result."""
+def _apply_profile(config: Config, backend, console, processes: int = 1, sharded: bool = False) -> Config:
+    """Resolve ``training.profile`` for the GPU at hand (each of ``processes``); the run directory keeps the result."""
     if config.training.profile == "seed":
         return config
     from .attention import varlen_machine_reason
@@ -262,7 +284,8 @@ def _apply_profile(config: Config, backend, console) -> Config:
 
     machine = varlen_machine_reason()
     shape = model_shape_for(config.model.name)
-    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits, varlen_unavailable=machine)
+    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits, varlen_unavailable=machine,
+                            processes=processes, sharded=sharded)
     changes = profile_changes(config, applied)
     console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
     _, why_not = attention_choice(config, shape, machine)
@@ -300,7 +323,9 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
         train_dataset, stats = tokenize_rows(report.train_rows, template, tokenizer, config)
     ctx.summary["data"] = stats
 
-    evaluate = config.evaluation.exact_match and report.held_out is not None
+    # On several processes rank 0 alone evaluates, saves and exports; the others stop after training.
+    main = ctx.is_main
+    evaluate = config.evaluation.exact_match and report.held_out is not None and main
     if evaluate and config.evaluation.before_training and checkpoint is None:
         ctx.summary["eval_before"] = _exact_match(ctx, backend, model, tokenizer, template, report.held_out, "before training", callbacks)
 
@@ -319,9 +344,15 @@ def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer,
     from .training import train
 
     eval_dataset = validation_rows(report.held_out, template, tokenizer, config)
-    train(ctx, model, tokenizer, train_dataset, callbacks, resume_from=str(checkpoint) if checkpoint is not None else None,
-          eval_dataset=eval_dataset)
-    adapter = save_adapter(ctx, model, tokenizer)
+    trainer = train(ctx, model, tokenizer, train_dataset, callbacks, resume_from=str(checkpoint) if checkpoint is not None else None,
+                    eval_dataset=eval_dataset)
+    if ctx.summary.get("distributed", {}).get("strategy") == "fsdp":
+        from .distributed import save_sharded_adapter
+
+        model = save_sharded_adapter(ctx, trainer, tokenizer)  # every rank takes part in gathering the shards
+    if not main:
+        return
+    adapter = ctx.run_dir / ADAPTER_DIR if model is None else save_adapter(ctx, model, tokenizer)
     call_callbacks(callbacks, "on_save", ctx, adapter)
 
     if evaluate:

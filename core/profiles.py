@@ -293,6 +293,8 @@ def apply_profile(
     shape: Optional[ModelShape] = None,
     kernels: MemoryTraits = FUSED_KERNELS,
     varlen_unavailable: Optional[str] = NOT_CHECKED,
+    processes: int = 1,
+    sharded: bool = False,
 ) -> Config:
     """Return a copy of ``config`` with ``config.training.profile`` applied (see the module doc).
 
@@ -304,6 +306,10 @@ def apply_profile(
     ``varlen_unavailable``: why this machine cannot run the varlen attention kernel, None when it
     can (:func:`attention_choice`); by default the machine counts as unchecked and keeps the
     backend's attention.
+
+    On ``processes`` GPUs the micro-batch is planned per GPU (with ``sharded``, against the memory
+    of one FSDP shard, :func:`qtune.distributed.sharded_memory_gib`) and the accumulation is divided
+    among the processes, so that an optimizer step still holds the seed's token capacity.
     """
     profile = getattr(config.training, "profile", "seed")
     new = config.model_copy(deep=True)
@@ -323,10 +329,12 @@ def apply_profile(
         budget = planned * MEMORY_HEADROOM_FRACTION
 
         def fits(n: int, ckpt: Union[bool, str]) -> bool:
-            need = estimate_memory_gib(
-                shape, n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit, kernels
-            )
-            return need <= budget
+            args = (n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit)
+            if sharded:
+                from .distributed import sharded_memory_gib
+
+                return sharded_memory_gib(shape, args[0], processes, *args[1:], kernels=PLAIN_KERNELS) <= budget
+            return estimate_memory_gib(shape, *args, kernels) <= budget
 
         no_ckpt_rows = next((n for n in range(target_rows, 0, -1) if fits(n, False)), 0)
         if no_ckpt_rows and no_ckpt_rows >= max(1, math.ceil(target_rows * MIN_NO_CHECKPOINT_SHARE)):
@@ -338,7 +346,7 @@ def apply_profile(
     seed_capacity = train.per_device_train_batch_size * train.gradient_accumulation_steps
     new.training.packing = True
     new.training.per_device_train_batch_size = rows
-    new.training.gradient_accumulation_steps = max(1, round(seed_capacity / rows))
+    new.training.gradient_accumulation_steps = max(1, round(seed_capacity / (rows * processes)))
     new.lora.gradient_checkpointing = checkpointing
     new.model.attention = attention_choice(config, shape, varlen_unavailable)[0]
     return new

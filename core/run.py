@@ -5,6 +5,8 @@ Layout of ``OUTPUT_DIR/NAME/``::
     config.yaml      the resolved config the run used (profile applied)
     preflight.json   what the checks before training found, and the data's fingerprint (for resume)
     metrics.jsonl    one JSON record per logged step or evaluation (validation loss: ``eval_loss``)
+    distributed.json the processes, device and strategy of a run trained on several processes
+    logs/            the output of ranks other than 0 (``qtune run --gpus N``)
     summary.json     final figures (memory, evaluation, timings), written when the run ends
     running.json     the training process's id and host, present while it runs
     adapter/         the LoRA adapter and tokenizer, in peft's format
@@ -46,8 +48,28 @@ class RunContext:
     device: str = "cpu"
     summary: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    #: this process's place among several training processes (:class:`qtune.distributed.Ranks`);
+    #: None when one process trains
+    ranks: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports for the run: the only one, or rank 0 of several. The others
+        write nothing (metrics, summary, adapter) and their console is quiet."""
+        return self.ranks is None or self.ranks.is_main
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every training process's ``value``, in rank order (``[value]`` for one process). All
+        processes must call it at the same point: use it in a callback with ``every_rank = True``."""
+        return [value] if self.ranks is None else self.ranks.gather(value)
+
+    def total(self, value: float) -> float:
+        """``value`` summed over the training processes (all must call it at the same point)."""
+        return float(value) if self.ranks is None else self.ranks.sum(value)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         record = {"time": round(time.time() - self.started_at, 3), **record}
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

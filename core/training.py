@@ -49,6 +49,8 @@ def sft_config(run: RunContext, model, validate: bool = False) -> Any:
     loss on (every training.eval_steps and at the end)."""
     from trl import SFTConfig
 
+    from .distributed import trainer_arguments
+
     config = run.config
     t = config.training
     on_gpu = cuda_available()
@@ -93,6 +95,7 @@ def sft_config(run: RunContext, model, validate: bool = False) -> Any:
         gradient_checkpointing=False,  # the backend set it up when it added LoRA
         remove_unused_columns=True,
         **(validation_settings(t) if validate else {}),
+        **trainer_arguments(run, model),  # DDP or FSDP on several processes (qtune.distributed)
     )
 
 
@@ -261,7 +264,8 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: i
                 raise NonFiniteLoss(divergence_message(run, state.global_step, f"the loss became {metrics['loss']}"))
             if "grad_norm" in logs and logs["grad_norm"] is not None:
                 metrics["grad_norm"] = float(logs["grad_norm"])
-            tokens = float(self.tokens)  # a GPU count is read after on_step_end's sync
+            # a GPU count is read after on_step_end's sync; on several processes, the sum over ranks
+            tokens = run.total(float(self.tokens))
             elapsed = now - self.last_time - self.eval_seconds  # training time only
             if elapsed > 0 and tokens > self.last_tokens:
                 metrics["tokens_per_second"] = (tokens - self.last_tokens) / elapsed

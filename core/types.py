@@ -198,6 +198,9 @@ class Backend:
     auto_priority: ClassVar[int] = 0
     #: how its kernels spend memory per token, for the fast profile's estimate (:class:`qtune.api.MemoryTraits`)
     memory_traits: ClassVar[MemoryTraits] = PLAIN_KERNELS
+    #: how it can train on several processes: "ddp" (a whole model per process, placed on the
+    #: device of LOCAL_RANK), "fsdp" (sharded; docs/distributed.md)
+    strategies: ClassVar[tuple[str, ...]] = ("ddp",)
 
     def unavailable_reason(self, config: Config) -> str | None:
         """Why this backend cannot run here with this config, or None when it can."""
@@ -240,6 +243,9 @@ class TrainingCallback:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: on several processes callbacks run on rank 0 only, unless this is True (then on every rank;
+    #: ``run.is_main`` tells which one reports, ``run.gather`` collects values from all)
+    every_rank: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:

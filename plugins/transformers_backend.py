@@ -20,10 +20,33 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
+def _fsdp() -> bool:
+    """Whether this process trains under FSDP (qtune's fsdp strategy or accelerate launch's FSDP config set it)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def _device_map():
+    """Where the weights go: this process's GPU (LOCAL_RANK's, on several processes); the CPU
+    without one. Under FSDP (accelerate sets ACCELERATE_USE_FSDP) on the CPU first: FSDP moves each
+    shard to its GPU, so no GPU ever holds the whole model."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if _fsdp():
+        return None
+    return {"": torch.cuda.current_device() if os.environ.get("LOCAL_RANK") else 0}
+
+
 class TransformersBackend(Backend):
     name = "transformers"
     description = "transformers + peft (+ bitsandbytes 4-bit on CUDA); CPU and any GPU"
     auto_priority = 10  # runs wherever torch does: the fallback for `auto`
+    strategies = ("ddp", "fsdp")
 
     def unavailable_reason(self, config):
         return missing_modules("torch", "transformers", "peft")
@@ -33,7 +56,12 @@ class TransformersBackend(Backend):
 
         if not (config.model.load_in_4bit and torch.cuda.is_available()):
             return None
-        return nf4_config(dtype)  # exports and their verification rebuild the same 4-bit base
+        quantization = nf4_config(dtype)  # exports and their verification rebuild the same 4-bit base
+        if _fsdp():
+            # FSDP shards flat tensors of one dtype: the packed 4-bit weights are stored in the compute
+            # dtype, as the FSDP-QLoRA recipe does (same bytes, so the same memory)
+            quantization.bnb_4bit_quant_storage = dtype
+        return quantization
 
     def _attention_implementation(self, config, model_path, dtype) -> str:
         """transformers' SDPA, or qtune's varlen function where ``model.attention: varlen`` and the
@@ -56,7 +84,6 @@ class TransformersBackend(Backend):
         return getattr(self, "_attention", None)
 
     def load(self, config, model_path):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = resolve_dtype(config.model.dtype)
@@ -66,7 +93,7 @@ class TransformersBackend(Backend):
             model_path,
             dtype=dtype,
             quantization_config=quantization,
-            device_map={"": 0} if torch.cuda.is_available() else None,
+            device_map=_device_map(),
             trust_remote_code=config.model.trust_remote_code,
             use_safetensors=True,  # never unpickle .bin weights
             attn_implementation=attention,
@@ -78,7 +105,10 @@ class TransformersBackend(Backend):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         checkpointing = config.lora.gradient_checkpointing is not False
-        if getattr(model, "is_loaded_in_4bit", False):
+        # Under FSDP the 4-bit weights are stored in the compute dtype and FSDP shards every weight:
+        # prepare_model_for_kbit_training would cast the norms to float32, so it is left out there
+        # (as in the FSDP-QLoRA recipe) and checkpointing is turned on as for a 16-bit model.
+        if getattr(model, "is_loaded_in_4bit", False) and not _fsdp():
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=checkpointing,

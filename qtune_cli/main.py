@@ -99,8 +99,20 @@ def _exit_with_findings(findings) -> None:
 @click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(path_type=Path),
               help="Continue RUN_DIR from its last complete checkpoint, with the run's saved config.yaml.")
 @click.option("--progress/--no-progress", default=True, help="Show the live progress bar.")
-def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path | None, progress: bool):
+@click.option("--gpus", type=click.IntRange(1), default=None, metavar="N",
+              help="Train on N GPUs of this machine: N processes through torch.distributed, DDP or FSDP as "
+                   "training.distributed says (docs/distributed.md). Several nodes: torchrun ... -m qtune_cli run CONFIG.")
+@click.option("--cpu-processes", type=click.IntRange(1), default=None, metavar="N",
+              help="Train with N processes on the CPU (gloo): the same path as --gpus, without GPUs.")
+def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path | None, progress: bool, gpus: int | None,
+        cpu_processes: int | None):
     """Fine-tune with the configuration in CONFIG, after the checks of `qtune validate`."""
+    from qtune.distributed import LAUNCHED_ENV, Ranks, processes_from_options
+
+    request = processes_from_options(gpus, cpu_processes)
+    ranks = Ranks.from_env()
+    if request is not None and (ranks.distributed or os.environ.get(LAUNCHED_ENV)):
+        raise QtuneError("--gpus and --cpu-processes start the processes themselves; under torchrun or accelerate launch leave them out")
     if resume_dir is not None:
         if config_path is not None or overrides:
             raise QtuneError("--resume continues RUN_DIR with its saved config.yaml; leave out CONFIG and --set")
@@ -112,6 +124,10 @@ def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path |
     else:
         config = _load(config_path, overrides)
     quiet_libraries()
+    if request is not None:
+        return _launch(config, resume_dir, request, progress)
+    if ranks.distributed or os.environ.get(LAUNCHED_ENV):
+        return _run_worker(config, resume_dir, progress, ranks)
     from qtune.pipeline import run as run_pipeline
     from qtune.plugin_manager import get_host
     from qtune.preflight import PreflightError
@@ -123,6 +139,71 @@ def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path |
     except PreflightError as error:
         _exit_with_findings(error.findings)
     _print_summary(out, ctx)
+
+
+def _launch(config, resume_dir: Path | None, request, progress: bool) -> None:
+    """`qtune run --gpus N`: plan, check and prepare the run here (once, before any weights load),
+    then start N workers through torch's launcher and wait for them."""
+    from qtune.backends import choose_backend
+    from qtune.distributed import launch, plan, prepare_run
+    from qtune.preflight import PreflightError
+
+    if request.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers get the same: gloo on the CPU
+    out = console()
+    chosen = plan(config, request.processes, request.device, choose_backend(config))
+    out.print(f"training on {chosen.describe()}", soft_wrap=True)
+    if resume_dir is not None:
+        run_dir, worker_args = Path(resume_dir), ["run", "--resume", str(resume_dir)]
+    else:
+        try:
+            _, run_dir = prepare_run(config, out, chosen)
+        except PreflightError as error:
+            _exit_with_findings(error.findings)
+        worker_args = ["run", str(run_dir / "config.yaml")]
+    if not progress:
+        worker_args.append("--no-progress")
+    launch(worker_args, request, run_dir)
+
+
+def _run_worker(config, resume_dir: Path | None, progress: bool, ranks) -> None:
+    """One of several training processes (or the one process of `--gpus 1`). Rank 0 prints; an
+    error becomes one line, printed by qtune's launcher when it started the worker."""
+    from rich.console import Console
+
+    from qtune.distributed import OtherRankFailed, report_worker_error, start_worker
+    from qtune.errors import describe
+    from qtune.pipeline import run as run_pipeline
+    from qtune.plugin_manager import get_host
+    from qtune.preflight import PreflightError
+
+    out = console() if ranks.is_main else Console(quiet=True)
+    if not ranks.is_main:
+        import warnings
+
+        warnings.simplefilter("ignore")  # rank 0 shows what matters; the rest would repeat it
+    try:
+        config, prepared = start_worker(config, ranks, resume_dir, out)
+        extra = [get_host().callbacks.get("rich_progress")()] if progress and ranks.is_main else []
+        ctx = run_pipeline(config, out, extra_callbacks=extra, resume=resume_dir, ranks=ranks, prepared=prepared)
+        if ranks.is_main:
+            _print_summary(out, ctx)
+    except OtherRankFailed:
+        sys.exit(1)
+    except (Exception, KeyboardInterrupt) as error:
+        if isinstance(error, PreflightError):
+            line = "; ".join(str(f) for f in error.findings)
+        elif isinstance(error, QtuneError):
+            line = str(error)
+        elif isinstance(error, KeyboardInterrupt):
+            line = "interrupted"
+        else:
+            line = describe(error)
+        if not report_worker_error(ranks, line, error):
+            click.echo(f"Error: {f'rank {ranks.rank}: ' if ranks.distributed else ''}{line}", err=True)
+        sys.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
+    finally:
+        ranks.leave()
 
 
 def _print_summary(out, ctx) -> None:

@@ -75,6 +75,18 @@ def tiny_run_config(tmp_path: Path, model_dir: Path, data_file: Path, **sections
     return path
 
 
+def logged_steps(metrics: Path) -> list[int]:
+    """The steps in a metrics.jsonl that may still be written to (a line cut short is skipped)."""
+    found = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                found.append(json.loads(line).get("step"))
+            except ValueError:
+                pass
+    return [s for s in found if s is not None]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -25,6 +25,7 @@ from helpers import (
     ALPACA_ROWS,
     OFFLINE_ENV,
     QTUNE,
+    logged_steps,
     model_folder_with_weights,
     one_line_error,
     read_metrics,
@@ -169,17 +170,6 @@ def test_resume_keeps_each_step_once_in_metrics(tmp_path):
     assert not list(run_dir.glob(".*partial*"))
 
 
-def _logged_steps(metrics: Path) -> list[int]:
-    found = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                found.append(json.loads(line).get("step"))
-            except ValueError:
-                pass
-    return [s for s in found if s is not None]
-
-
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen_dir):
     from safetensors.torch import load_file
 
@@ -200,14 +190,14 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen_dir
         proc = subprocess.Popen([QTUNE, "run", str(configs["killed"]), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
-            if checkpoint_is_complete(run_dir / "checkpoints" / "checkpoint-4") and 5 in _logged_steps(run_dir / "metrics.jsonl"):
+            if checkpoint_is_complete(run_dir / "checkpoints" / "checkpoint-4") and 5 in logged_steps(run_dir / "metrics.jsonl"):
                 proc.kill()  # SIGKILL
                 break
             time.sleep(0.02)
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
-    assert 5 in _logged_steps(run_dir / "metrics.jsonl")
+    assert 5 in logged_steps(run_dir / "metrics.jsonl")
 
     # What else a kill can leave: a half-written later checkpoint and a line cut short.
     half = run_dir / "checkpoints" / "checkpoint-6"
