@@ -230,6 +230,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen_dir
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-3 * max(1.0, x["grad_norm"]), (x, y)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 8 and "error" not in summary
+    # train_loss is the mean over all 8 steps, those before the kill included, as in the straight run
+    # (both rounded to 6 places, so one unit of the last place is the tolerance)
+    straight_loss = json.loads((straight / "summary.json").read_text())["train_loss"]
+    assert abs(summary["train_loss"] - straight_loss) <= 1e-6 + 1e-12, (summary["train_loss"], straight_loss)
+    assert abs(straight_loss - sum(m["loss"] for m in a) / len(a)) <= 1e-5  # the mean of the logged step losses
     weights_a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     weights_b = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert weights_a.keys() == weights_b.keys()
@@ -457,3 +462,30 @@ def test_yaml_of_a_run_is_the_config_it_resumes_with(tmp_path, tiny_qwen_dir):
     assert found == checkpoint and resumed_config == config
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["save_steps"] == 5
     assert math.isfinite(resumed_config.training.learning_rate)
+
+
+def test_plugin_folder_skips_hidden_files_and_obeys_qtune_load_plugins(tmp_path, monkeypatch):
+    """Each file of the folder leaves a marker when imported (executed)."""
+    from qtune.plugin_manager import PluginHost
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    for stem in ("visible", ".hidden", "other"):
+        (folder / f"{stem}.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / ('ran-' + stem.lstrip('.')))!r}).touch()\n")
+
+    def executed() -> list[str]:
+        ran = sorted(p.name for p in tmp_path.glob("ran-*"))
+        for p in tmp_path.glob("ran-*"):
+            p.unlink()
+        return ran
+
+    monkeypatch.setenv("QTUNE_PLUGINS_DIR", str(folder))
+    monkeypatch.delenv("QTUNE_LOAD_PLUGINS", raising=False)
+    PluginHost()
+    assert executed() == ["ran-other", "ran-visible"]  # never the hidden one
+    monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "")
+    PluginHost()
+    assert executed() == []
+    monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "visible")
+    host = PluginHost()
+    assert executed() == ["ran-visible"] and str(folder / "visible.py") in host.distributions
