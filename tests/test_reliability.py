@@ -489,3 +489,33 @@ def test_plugin_folder_skips_hidden_files_and_obeys_qtune_load_plugins(tmp_path,
     monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "visible")
     host = PluginHost()
     assert executed() == ["ran-visible"] and str(folder / "visible.py") in host.distributions
+
+
+def test_converter_sdist_runs_only_with_the_pinned_sha256(tmp_path, monkeypatch):
+    """A tampered sdist (a converter of someone else's making) is refused before anything is
+    extracted; the pinned hash was measured on the sdist pip downloads from PyPI."""
+    import hashlib
+    import io
+    import tarfile
+
+    from qtune.plugins.gguf_export import SDIST_SHA256, fetch_converter
+
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        code = b"print('not llama.cpp')\n"
+        member = tarfile.TarInfo("llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")
+        member.size = len(code)
+        tar.addfile(member, io.BytesIO(code))
+    monkeypatch.setenv("QTUNE_LLAMA_CPP_SDIST", str(fake))
+    dest = tmp_path / "cache" / "llama.cpp" / "0.3.36"
+    with pytest.raises(QtuneError, match="is not the pinned 832db0699007f1be") as info:
+        fetch_converter("0.3.36", dest)
+    assert "\n" not in str(info.value) and not dest.exists()
+    with pytest.raises(QtuneError, match="no pinned sha256 for the llama-cpp-python 9.9.9 sdist"):
+        fetch_converter("9.9.9", dest)
+    real = os.environ.get("QTUNE_LLAMA_CPP_SDIST_REAL")  # set it to check the pin against a downloaded sdist
+    if real:
+        assert hashlib.sha256(Path(real).read_bytes()).hexdigest() == SDIST_SHA256["0.3.36"]
+        monkeypatch.setenv("QTUNE_LLAMA_CPP_SDIST", real)
+        fetch_converter("0.3.36", dest)
+        assert (dest / "convert_hf_to_gguf.py").is_file()
