@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import json
 import os
 import re
@@ -149,6 +150,25 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError saying the disk (or the user's quota) is full, also when wrapped as a cause."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__
+    return False
+
+
+def disk_full_error(doing: str, where: Path | str, then: str = "run the command again") -> QtuneError:
+    """The one line for a disk that filled up while ``doing``: what was lost, what to do."""
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else 0
+    return QtuneError(f"the disk holding {str(where)!r} filled up while {doing} ({free / 2**20:.0f} MiB free now); "
+                      f"what was being written is removed and nothing finished was touched; free some space and {then}")
 
 
 def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:

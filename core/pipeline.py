@@ -13,6 +13,7 @@ config.yaml; see :func:`open_for_resume` and docs/reliability.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from .backends import choose_backend
 from .config import Config
 from .errors import QtuneError, first_line
-from .fsutil import atomic_dir, atomic_file, read_json_dict
+from .fsutil import atomic_dir, atomic_file, disk_full_error, is_disk_full, lock_folder, read_json_dict
 from .plugin_manager import get_host
 from .run import ADAPTER_DIR, RunContext
 from .training import (
@@ -162,7 +163,7 @@ def load_model(backend: Backend, config: Config, model_path: str):
 def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None = None, resume: Path | None = None) -> RunContext:
     """Train ``config``. With ``resume`` (a run directory whose config.yaml gave ``config``),
     continue that run from its last complete checkpoint instead of starting a new one."""
-    from .preflight import PREFLIGHT_VERSION, check_tokens, data_fingerprint, preflight
+    from .preflight import PREFLIGHT_VERSION, check_model_skeleton, check_tokens, data_fingerprint, preflight
 
     host = get_host()
     template = host.templates.get(config.template)
@@ -186,6 +187,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
         from transformers import set_seed
 
         set_seed(config.training.seed)
+        check_model_skeleton(report, model)
         check_tokens(report, tokenizer)
         report.raise_for_errors()
         _print_new_findings(report, console, printed)
@@ -202,10 +204,16 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
                 f"the training data of {str(run_dir)!r} changed since the run started (dataset or tokenizer), so resuming "
                 f"would not continue the same run; restore the data or start a new run"
             )
+        lock = lock_folder(run_dir, f"another qtune process is running {str(run_dir)!r}; wait for it to finish")
         last_time = _prepare_resume(run_dir, checkpoint)
     else:
         run_dir = new_run_dir(config)
-        run_dir.mkdir(parents=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:  # a run with the same name started between the checks and here
+            raise QtuneError(f"run directory {str(run_dir)!r} was just created by another qtune run; choose another `name` "
+                             f"or wait for that run and continue it with `qtune run --resume`") from None
+        lock = lock_folder(run_dir, f"another qtune process is running {str(run_dir)!r}; wait for it to finish")
         with atomic_file(run_dir / "config.yaml") as handle:
             handle.write(config.to_yaml())
         with atomic_file(run_dir / PREFLIGHT_FILE) as handle:
@@ -224,6 +232,16 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
         _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint)
         call_callbacks(callbacks, "on_run_end", ctx)
     except BaseException as error:
+        converted = None
+        if is_disk_full(error):
+            # A save cut short by the full disk is not a checkpoint: removing it frees its space.
+            for _, path, complete in list_checkpoints(run_dir / CHECKPOINTS_DIR):
+                if not complete:
+                    shutil.rmtree(path, ignore_errors=True)
+            resumable = last_complete_checkpoint(run_dir / CHECKPOINTS_DIR) is not None
+            then = f"continue it with `qtune run --resume {run_dir}`" if resumable else "run the command again"
+            error = converted = disk_full_error("writing the run (checkpoints, metrics or the adapter)", run_dir, then)
+        ctx.summary["status"] = "failed"
         ctx.summary["error"] = str(error) or type(error).__name__
         last = last_complete_checkpoint(run_dir / CHECKPOINTS_DIR)
         if last is not None and not (run_dir / ADAPTER_DIR).exists():
@@ -233,10 +251,41 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
                 cb.on_error(ctx, error)
             except Exception:
                 pass
-        _write_summary(ctx)
+        if resume is None and _nothing_trained(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume or keep: as if never started
+        else:
+            try:
+                _write_summary(ctx)
+            except OSError:  # a full disk: the error line says what happened; summary.json stays as it was
+                pass
+        if converted is not None:
+            raise converted from None
         raise
-    _write_summary(ctx)
+    else:
+        ctx.summary["status"] = "finished"
+        _write_summary(ctx)
+    finally:
+        os.close(lock)
     return ctx
+
+
+def _nothing_trained(run_dir: Path) -> bool:
+    """No optimizer step logged, no checkpoint, no adapter: a run that failed before training."""
+    logged = any("step" in record for record in _metric_records(run_dir / "metrics.jsonl"))
+    return not logged and not list_checkpoints(run_dir / CHECKPOINTS_DIR) and not (run_dir / ADAPTER_DIR).exists()
+
+
+def _metric_records(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _apply_profile(config: Config, backend, console) -> Config:
