@@ -152,12 +152,23 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator:
     os.replace(tmp, final)
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """An OSError saying the disk (or the user's quota) is full, also when wrapped as a cause."""
+#: how libraries that do not raise OSError say it: tokenizers (Rust) raises a plain Exception
+#: "No space left on device (os error 28)"; torch.save a RuntimeError "... file write failed"
+DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def is_disk_full(error: BaseException | None, where: Path | None = None) -> bool:
+    """An error saying the disk (or the user's quota) is full, also when wrapped as a cause. With
+    ``where``, torch.save's vague "file write failed" counts when that disk has under 64 MiB free."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        error = error.__cause__
+        text = str(error)
+        if any(words in text for words in DISK_FULL_TEXTS):
+            return True
+        if where is not None and "write failed" in text and Path(where).exists() and shutil.disk_usage(where).free < 64 * 2**20:
+            return True
+        error = error.__cause__ or error.__context__
     return False
 
 

@@ -233,7 +233,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
         call_callbacks(callbacks, "on_run_end", ctx)
     except BaseException as error:
         converted = None
-        if is_disk_full(error):
+        if is_disk_full(error, run_dir):
             # A save cut short by the full disk is not a checkpoint: removing it frees its space.
             for _, path, complete in list_checkpoints(run_dir / CHECKPOINTS_DIR):
                 if not complete:

@@ -206,7 +206,7 @@ class PluginHost:
             from .fsutil import disk_full_error, is_disk_full
 
             if is_disk_full(exc):  # not the plugin's fault
-                raise disk_full_error(doing, exc.filename or ".") from exc
+                raise disk_full_error(doing, getattr(exc, "filename", None) or ".") from exc
             dist = self.distributions.get(plugin, ("",))[0]
             remedy = f"`pip uninstall {dist}`, " if dist and not dist.startswith("(") else ""
             raise QtuneError(
