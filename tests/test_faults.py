@@ -31,7 +31,7 @@ from qtune.api import Exporter, ExportResult, QtuneError, atomic_dir, hookimpl
 
 class Halting(Exporter):
     """Writes VERSION into two files; HALT=wait stops after the first (and touches HALT_MARKER),
-    HALT=fail raises there."""
+    HALT=fail raises there, HALT=fill writes 64 MiB there."""
 
     name = "halting"
 
@@ -42,6 +42,8 @@ class Halting(Exporter):
             if os.environ.get("HALT") == "wait":
                 Path(os.environ["HALT_MARKER"]).touch()
                 time.sleep(600)
+            if os.environ.get("HALT") == "fill":  # more than the test's small disk holds
+                (tmp / "big").write_bytes(bytes(64 * 2**20))
             if os.environ.get("HALT") == "fail":
                 raise QtuneError("the halting format failed half way")
             (tmp / "second-half").write_text(version)
@@ -54,13 +56,13 @@ def register_exporters(register):
 '''
 
 
-def halting_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A run directory (config + adapter marker: the halting exporter reads neither) and the
-    environment that loads the halting exporter."""
+def halting_run(tmp_path: Path, root: Path | None = None) -> tuple[Path, dict[str, str]]:
+    """A run directory under ``root`` (config + adapter marker: the halting exporter reads neither)
+    and the environment that loads the halting exporter."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "halting.py").write_text(HALTING_EXPORTER, encoding="utf-8")
-    run_dir = tmp_path / "runs" / "r"
+    run_dir = (root or tmp_path) / "runs" / "r"
     (run_dir / "adapter").mkdir(parents=True)
     (run_dir / "adapter" / "adapter_config.json").write_text("{}")
     (run_dir / "config.yaml").write_text(Config(name="r", model={"name": str(tmp_path)}).to_yaml())
@@ -171,3 +173,89 @@ def tmpfs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_writing_an_export_keeps_the_old_one(tmp_path, tmpfs):
+    run_dir, env = halting_run(tmp_path, root=tmpfs)
+    exports = run_dir / "exports"
+    assert run_qtune("export", run_dir, "-f", "halting", env=env).returncode == 0
+    records = (exports / "exports.json").read_text()
+    error = one_line_error(run_qtune("export", run_dir, "-f", "halting", "--force", env={**env, "HALT": "fill"}))
+    assert "filled up while exporting halting" in error and "free some space" in error, error
+    assert "plugin" not in error  # a full disk is not the plugin's fault
+    assert export_contents(exports / "halting") == {"first-half": "1", "second-half": "1"}
+    assert hidden(exports) == [] and (exports / "exports.json").read_text() == records
+
+
+def test_disk_full_while_writing_a_checkpoint_then_resume(tmp_path, tmpfs, tiny_qwen_dir):
+    """Each checkpoint of the tiny Qwen2 holds its 18.7 MB tokenizer.json: on a 30 MiB disk the
+    first fits and the second cannot."""
+    from helpers import ALPACA_ROWS, tiny_run_config, write_jsonl
+    from qtune.training import checkpoint_is_complete, list_checkpoints
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 2)
+    subprocess.run(["mount", "-o", "remount,size=30m", str(tmpfs)], check=True)
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"max_steps": 3, "save_steps": 1, "output_dir": str(tmpfs / "runs")})
+    run_dir = tmpfs / "runs" / "tiny"
+    error = one_line_error(run_qtune("run", config, "--no-progress"))
+    assert "filled up while writing the run" in error and f"qtune run --resume {run_dir}" in error, error
+    kept = list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for _, p, _ in kept] == ["checkpoint-1"] and checkpoint_is_complete(kept[0][1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "filled up" in summary["error"]
+    assert not (run_dir / "adapter").exists() and not list(run_dir.rglob(".*partial*"))
+
+    subprocess.run(["mount", "-o", "remount,size=200m", str(tmpfs)], check=True)  # space freed
+    resumed = run_qtune("run", "--resume", run_dir, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 3 and summary["resumed_from"] == "checkpoint-1"
+
+
+FAILING_CALLBACK = '''
+from qtune.api import QtuneError, TrainingCallback, hookimpl
+
+
+class FailsAt(TrainingCallback):
+    name = "fails_at"
+
+    def __init__(self, event="on_train_start", step=0):
+        self.event, self.step = event, step
+
+    def on_train_start(self, run):
+        if self.event == "on_train_start":
+            raise QtuneError("the test callback stops the run before training")
+
+    def on_step_end(self, run, step, metrics):
+        if self.event == "on_step_end" and step == self.step:
+            raise QtuneError(f"the test callback stops the run at step {step}")
+
+
+@hookimpl
+def register_callbacks(register):
+    register(FailsAt)
+'''
+
+
+@pytest.mark.parametrize("event, trained", [("on_train_start", False), ("on_step_end", True)])
+def test_failure_after_the_run_directory_exists_is_one_line_and_marked(tmp_path, tiny_qwen_dir, event, trained):
+    """Past validation, a failure still ends in one line: the run directory is removed when nothing
+    was trained, else summary.json says status failed, with the reason."""
+    from helpers import ALPACA_ROWS, tiny_run_config, write_jsonl
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "fails_at.py").write_text(FAILING_CALLBACK, encoding="utf-8")
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 2)
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"max_steps": 3},
+                             callbacks=[{"name": "fails_at", "options": {"event": event, "step": 2}}])
+    env = {"QTUNE_PLUGINS_DIR": str(plugins)}
+    assert run_qtune("validate", config, env=env).returncode == 0
+    error = one_line_error(run_qtune("run", config, "--no-progress", env=env))
+    assert "the test callback stops the run" in error
+    run_dir = tmp_path / "runs" / "tiny"
+    if not trained:
+        assert not run_dir.exists() and list((tmp_path / "runs").iterdir()) == []
+    else:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"] == error.removeprefix("Error: ")
