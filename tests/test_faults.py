@@ -259,3 +259,30 @@ def test_failure_after_the_run_directory_exists_is_one_line_and_marked(tmp_path,
     else:
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "failed" and summary["error"] == error.removeprefix("Error: ")
+
+
+def test_two_runs_of_one_name_at_once_one_refuses(tmp_path, tiny_qwen_dir):
+    """While `qtune run` trains, a second run of the same name is refused in one line, and so is a
+    --resume of the running run (its lock), before it touches anything."""
+    from helpers import ALPACA_ROWS, tiny_run_config, write_jsonl
+    from qtune.training import last_complete_checkpoint
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4)
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"max_steps": 500, "save_steps": 1, "save_total_limit": 1})
+    run_dir = tmp_path / "runs" / "tiny"
+    first = subprocess.Popen([QTUNE, "run", str(config), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, **OFFLINE_ENV})
+    try:
+        deadline = time.monotonic() + 600
+        while last_complete_checkpoint(run_dir / "checkpoints") is None and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None and last_complete_checkpoint(run_dir / "checkpoints") is not None
+        second = one_line_error(run_qtune("run", config, "--no-progress"))
+        assert "already exists" in second and "--resume" in second
+        metrics = (run_dir / "metrics.jsonl").read_text()
+        third = one_line_error(run_qtune("run", "--resume", run_dir, "--no-progress"))
+        assert "another qtune process is running" in third and "wait for it to finish" in third
+        assert first.poll() is None and (run_dir / "metrics.jsonl").read_text().startswith(metrics)  # untouched
+    finally:
+        first.kill()
+        first.wait(timeout=60)
