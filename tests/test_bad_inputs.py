@@ -282,8 +282,8 @@ def _(tmp, model):
 
 case("plugin-raises-in-hook", "failed in register_templates", "RuntimeError: boom")(with_plugin(
     "from qtune import hookimpl\n\n@hookimpl\ndef register_templates(register):\n    raise RuntimeError('boom')\n"))
-case("plugin-fails-to-import", "failed to load", "ModuleNotFoundError")(with_plugin("import qtune_no_such_module\n"))
-case("plugin-callback-fails-to-start", "callbacks[0] (boom", "failed to start", "no GPU monitor here")(with_plugin(
+case("plugin-fails-to-import", "failed in loading", "ModuleNotFoundError")(with_plugin("import qtune_no_such_module\n"))
+case("plugin-callback-fails-to-start", "failed in starting callback 'boom' (callbacks[0])", "no GPU monitor here")(with_plugin(
     "from qtune import hookimpl\nfrom qtune.types import TrainingCallback\n\n"
     "class Boom(TrainingCallback):\n    name = 'boom'\n\n    def __init__(self, **options):\n"
     "        raise RuntimeError('no GPU monitor here')\n\n"

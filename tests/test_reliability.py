@@ -355,7 +355,7 @@ def test_a_failing_callback_becomes_one_line_naming_it():
 
     with pytest.raises(QtuneError) as info:
         call_callbacks([Flaky()], "on_step_end", None, 3, {})
-    assert str(info.value).startswith("callback 'flaky'") and "on_step_end" in str(info.value) and "KeyError" in str(info.value)
+    assert "of callback 'flaky'" in str(info.value) and "on_step_end" in str(info.value) and "KeyError" in str(info.value)
 
 
 # --------------------------------------------------------------------------- security
