@@ -20,7 +20,8 @@ SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a setting (a NaN learning rate passes every bound check)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -67,6 +68,9 @@ class DatasetConfig(Section):
     shuffle: bool = False
     #: rows held out from training (taken from the end): the validation loss and exact match use them
     eval_size: int = Field(0, ge=0)
+    #: let numbers and booleans stand where the template expects text (rendered with str());
+    #: off: such values are refused, since a number in a text field is usually a column mix-up
+    numbers_as_text: bool = False
     #: loader-specific settings (the demo task generator reads size and seed here)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -82,7 +86,8 @@ class TrainingConfig(Section):
     optim: str = "adamw_8bit"
     weight_decay: float = Field(0.01, ge=0)
     lr_scheduler_type: str = "linear"
-    seed: int = 3407
+    #: numpy takes seeds from 0 to 2**32 - 1 (transformers' set_seed seeds numpy too)
+    seed: int = Field(3407, ge=0, lt=2**32)
     logging_steps: int = Field(1, gt=0)
     packing: bool = False
     #: seed: the settings as written; fast: packing, a bigger micro-batch and, where memory allows,
@@ -225,7 +230,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader that refuses repeated keys
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -236,6 +243,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, lora:, ...), not a {type(data).__name__}")
     return data
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key repeated in one mapping is an error naming both lines
+    (plain YAML keeps the last one silently: a second `lora:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKeyError(f"key {key!r} at line {line} repeats the one at line {seen[key]}; "
+                                        f"keep one and merge their settings")
+            seen.setdefault(key, line) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -273,12 +300,16 @@ def describe_validation_error(exc: ValidationError, data: Any) -> str:
     more = f" (and {exc.error_count() - 1} more problem{'s' if exc.error_count() > 2 else ''})" if exc.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.5)
-        # two keys about as close (batch_size: the train and the eval batch sizes): name both
-        ratios = [difflib.SequenceMatcher(None, loc[-1], key).ratio() for key in close]
-        close = close if len(close) == 2 and ratios[0] - ratios[1] < 0.05 else close[:1]
-        names = " or ".join(repr(".".join(loc[:-1] + [key])) for key in close)
-        hint = f"did you mean {names}?" if close else f"valid keys here: {', '.join(valid)}"
+        meant = key_synonym(loc[-1])
+        if meant and meant != path:
+            hint = f"did you mean {meant!r}?"
+        else:
+            close = difflib.get_close_matches(loc[-1], valid, n=2, cutoff=0.5)
+            # two keys about as close (batch_size: the train and the eval batch sizes): name both
+            ratios = [difflib.SequenceMatcher(None, loc[-1], key).ratio() for key in close]
+            close = close if len(close) == 2 and ratios[0] - ratios[1] < 0.05 else close[:1]
+            names = " or ".join(repr(".".join(loc[:-1] + [key])) for key in close)
+            hint = f"did you mean {names}?" if close else f"valid keys here: {', '.join(valid)}"
         return f"unknown config key {path!r}; {hint}{more}"
     value = first.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
@@ -287,6 +318,37 @@ def describe_validation_error(exc: ValidationError, data: Any) -> str:
         message = message[len("Value error, ") :]
         return f"invalid config: {message}{more}"
     return f"invalid value {shown} for {path!r}: {message}{more}"
+
+
+#: what other fine-tuning tools (peft, transformers, axolotl, LLaMA-Factory) call qtune's keys
+KEY_SYNONYMS = {
+    "rank": "lora.r", "lora_r": "lora.r", "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
+    "lr": "training.learning_rate", "learning_rate": "training.learning_rate",
+    "epochs": "training.num_train_epochs", "num_epochs": "training.num_train_epochs", "epoch": "training.num_train_epochs",
+    "batch_size": "training.per_device_train_batch_size", "micro_batch_size": "training.per_device_train_batch_size",
+    "train_batch_size": "training.per_device_train_batch_size",
+    "grad_accum": "training.gradient_accumulation_steps", "gradient_accumulation": "training.gradient_accumulation_steps",
+    "steps": "training.max_steps", "warmup": "training.warmup_steps", "optimizer": "training.optim",
+    "scheduler": "training.lr_scheduler_type", "lr_scheduler": "training.lr_scheduler_type",
+    "max_length": "model.max_seq_length", "max_seq_len": "model.max_seq_length", "seq_len": "model.max_seq_length",
+    "sequence_len": "model.max_seq_length", "cutoff_len": "model.max_seq_length",
+    "base_model": "model.name", "model_name": "model.name", "model_name_or_path": "model.name", "model_id": "model.name",
+    "data_path": "dataset.path", "dataset_path": "dataset.path", "data_files": "dataset.path",
+}
+
+
+def key_synonym(key: str) -> str | None:
+    """The full path of the qtune key another tool calls ``key``, or of the one field named ``key``
+    in another section (``training.max_seq_length`` -> ``model.max_seq_length``); None otherwise."""
+    if key in KEY_SYNONYMS:
+        return KEY_SYNONYMS[key]
+    homes = [f"{section}.{key}" for section in _section_names() if key in _fields_at([section])]
+    return homes[0] if len(homes) == 1 else None
+
+
+def _section_names() -> list[str]:
+    return [name for name in Config.model_fields if _fields_at([name])]
 
 
 def _fields_at(loc: list[str]) -> list[str]:

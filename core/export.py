@@ -8,16 +8,15 @@ runtime, and recorded in ``RUN_DIR/exports/exports.json`` and under ``exports`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import QtuneError
-from .fsutil import atomic_file, read_json_dict
+from .fsutil import atomic_file, folder_lock, read_json_dict, remove_stale_temporaries, replacing
 from .types import Exporter, ExportResult
 from .verify import VerifyReport
 
@@ -92,25 +91,30 @@ def export_run(
     options = _export_options(exporter, options)
     out_dir = Path(out).expanduser() if out is not None else default_out_dir(run, exporter, quant)
     label = exporter.name + (f" ({quant})" if quant else "")
-    backup = None
-    if out_dir.exists():
-        if not overwrite:
-            raise QtuneError(f"{str(out_dir)!r} already exists; remove it, pass --force to replace it, or choose --out")
-        backup = out_dir.parent / f".{out_dir.name}.previous-{os.getpid()}"
-        os.replace(out_dir, backup)
+    if out_dir.exists() and not overwrite:
+        raise QtuneError(f"{str(out_dir)!r} already exists; remove it, pass --force to replace it, or choose --out")
+    run.exports_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run.exports_dir, f"another qtune process is exporting run {str(run.run_dir)!r}; wait for it to finish"):
+        # Under the lock every temporary folder beside an export is a leftover of a killed export.
+        remove_stale_temporaries(run.exports_dir)
+        remove_stale_temporaries(out_dir.parent, out_dir.name)
+        return _export_locked(run, exporter, plugin, quant, verify, out_dir, label, console, overwrite, options)
+
+
+def _export_locked(run: FinishedRun, exporter: Exporter, plugin: str, quant: str | None, verify: bool, out_dir: Path, label: str,
+                   console: Any, overwrite: bool, options: dict[str, Any]) -> ExportResult:
+    from .plugin_manager import get_host
+
+    host = get_host()
     started = time.perf_counter()
-    try:
-        with console.status(f"exporting {label} to {out_dir} ..."), host.guard(plugin, f"exporting {exporter.name}"):
-            result = exporter.export(run, out_dir, quant, **options)
-        if not isinstance(result, ExportResult):
-            raise QtuneError(f"{host.plugin_label(plugin)} returned {type(result).__name__} from export(); "
-                             f"it must return a qtune.api.ExportResult")
-    except BaseException:
-        if backup is not None and not out_dir.exists():
-            os.replace(backup, out_dir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    # --force: the exporter's atomic_dir swaps the new folder in once it is complete; until then
+    # the old export keeps its name (and its record in exports.json).
+    with console.status(f"exporting {label} to {out_dir} ..."), host.guard(plugin, f"exporting {exporter.name}"), \
+            (replacing(out_dir) if overwrite else contextlib.nullcontext()):
+        result = exporter.export(run, out_dir, quant, **options)
+    if not isinstance(result, ExportResult):
+        raise QtuneError(f"{host.plugin_label(plugin)} returned {type(result).__name__} from export(); "
+                         f"it must return a qtune.api.ExportResult")
     if not Path(result.path).exists():
         raise QtuneError(f"{host.plugin_label(plugin)} reported {str(result.path)!r} from export(), which does not exist; "
                          f"fix the plugin")
@@ -157,7 +161,7 @@ def record_export(run: FinishedRun, result: ExportResult) -> None:
     key = Path(result.path).name
     record = json.loads(json.dumps(result_record(result), default=str))
     record_file = run.exports_dir / EXPORTS_RECORD
-    records = read_json_dict(record_file)
+    records = existing_records(read_json_dict(record_file))
     records[key] = record
     with atomic_file(record_file) as handle:
         json.dump(records, handle, indent=2)
@@ -165,12 +169,17 @@ def record_export(run: FinishedRun, result: ExportResult) -> None:
     if summary_file.is_file():
         summary = read_json_dict(summary_file)
         exports = summary.get("exports")
-        if not isinstance(exports, dict):
-            exports = {}
+        exports = existing_records(exports if isinstance(exports, dict) else {})
         exports[key] = record
         summary["exports"] = exports
         with atomic_file(summary_file) as handle:
             json.dump(summary, handle, indent=2, default=str)
+
+
+def existing_records(records: dict[str, Any]) -> dict[str, Any]:
+    """The export records whose folder (or file) still exists: exports.json never names a missing one."""
+    return {key: record for key, record in records.items()
+            if not isinstance(record, dict) or not record.get("path") or Path(record["path"]).exists()}
 
 
 def run_exports(run: FinishedRun, entries: Iterable[ExportEntry], console: Any = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ prepared beforehand; only rank 0 writes into it and prints (the others get a qui
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from .backends import choose_backend
 from .config import Config
 from .errors import QtuneError, first_line
-from .fsutil import atomic_dir, atomic_file, read_json_dict
+from .fsutil import atomic_dir, atomic_file, disk_full_error, is_disk_full, lock_folder, read_json_dict
 from .plugin_manager import get_host
 from .run import ADAPTER_DIR, RUNNING_FILE, RunContext
 from .training import (
@@ -171,7 +172,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
     ``prepared`` the run directory :func:`qtune.distributed.prepare_run` made (unless resuming):
     its preflight findings were printed then, so they are not printed again."""
     from .distributed import DISTRIBUTED_FILE, Ranks, join_ranks
-    from .preflight import PREFLIGHT_VERSION, check_tokens, data_fingerprint, preflight
+    from .preflight import PREFLIGHT_VERSION, check_model_skeleton, check_tokens, data_fingerprint, preflight
 
     ranks = ranks or Ranks()
     host = get_host()
@@ -201,6 +202,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
         from transformers import set_seed
 
         set_seed(config.training.seed)
+        check_model_skeleton(report, model)
         check_tokens(report, tokenizer)
         report.raise_for_errors()
         _print_new_findings(report, console, printed)
@@ -217,11 +219,19 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
                 f"the training data of {str(run_dir)!r} changed since the run started (dataset or tokenizer), so resuming "
                 f"would not continue the same run; restore the data or start a new run"
             )
+        lock = None
+        if ranks.is_main:  # one process holds the run folder (the other ranks work under rank 0)
+            lock = lock_folder(run_dir, f"another qtune process is running {str(run_dir)!r}; wait for it to finish")
         if checkpoint is not None and ranks.is_main:
             last_time = _prepare_resume(run_dir, checkpoint)
     else:
         run_dir = new_run_dir(config)
-        run_dir.mkdir(parents=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:  # a run with the same name started between the checks and here
+            raise QtuneError(f"run directory {str(run_dir)!r} was just created by another qtune run; choose another `name` "
+                             f"or wait for that run and continue it with `qtune run --resume`") from None
+        lock = lock_folder(run_dir, f"another qtune process is running {str(run_dir)!r}; wait for it to finish")
         with atomic_file(run_dir / "config.yaml") as handle:
             handle.write(config.to_yaml())
         with atomic_file(run_dir / PREFLIGHT_FILE) as handle:
@@ -245,6 +255,16 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
         _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint)
         call_callbacks(callbacks, "on_run_end", ctx)
     except BaseException as error:
+        converted = None
+        if is_disk_full(error, run_dir):
+            # A save cut short by the full disk is not a checkpoint: removing it frees its space.
+            for _, path, complete in list_checkpoints(run_dir / CHECKPOINTS_DIR):
+                if not complete:
+                    shutil.rmtree(path, ignore_errors=True)
+            resumable = last_complete_checkpoint(run_dir / CHECKPOINTS_DIR) is not None
+            then = f"continue it with `qtune run --resume {run_dir}`" if resumable else "run the command again"
+            error = converted = disk_full_error("writing the run (checkpoints, metrics or the adapter)", run_dir, then)
+        ctx.summary["status"] = "failed"
         ctx.summary["error"] = str(error) or type(error).__name__
         last = last_complete_checkpoint(run_dir / CHECKPOINTS_DIR)
         if last is not None and not (run_dir / ADAPTER_DIR).exists():
@@ -255,12 +275,25 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
             except Exception:
                 pass
         if ranks.is_main:
+            if resume is None and _nothing_trained(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume or keep: as if never started
+            else:
+                try:
+                    _write_summary(ctx)
+                except OSError:  # a full disk: the error line says what happened; summary.json stays as it was
+                    pass
+                (run_dir / RUNNING_FILE).unlink(missing_ok=True)
+        if converted is not None:
+            raise converted from None
+        raise
+    else:
+        ctx.summary["status"] = "finished"
+        if ranks.is_main:
             _write_summary(ctx)
             (run_dir / RUNNING_FILE).unlink(missing_ok=True)
-        raise
-    if ranks.is_main:
-        _write_summary(ctx)
-        (run_dir / RUNNING_FILE).unlink(missing_ok=True)
+    finally:
+        if lock is not None:
+            os.close(lock)
     return ctx
 
 
@@ -272,6 +305,25 @@ def mark_running(run_dir: Path) -> None:
 
     with atomic_file(run_dir / RUNNING_FILE) as handle:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, handle)
+
+
+def _nothing_trained(run_dir: Path) -> bool:
+    """No optimizer step logged, no checkpoint, no adapter: a run that failed before training."""
+    logged = any("step" in record for record in _metric_records(run_dir / "metrics.jsonl"))
+    return not logged and not list_checkpoints(run_dir / CHECKPOINTS_DIR) and not (run_dir / ADAPTER_DIR).exists()
+
+
+def _metric_records(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _apply_profile(config: Config, backend, console, processes: int = 1, sharded: bool = False) -> Config:

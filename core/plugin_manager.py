@@ -2,9 +2,11 @@
 group, and registries filled through the hooks in :mod:`qtune.hookspecs`.
 
 Environment:
-  QTUNE_LOAD_PLUGINS   comma-separated entry-point or distribution names to load ("" loads none);
-                       unset loads every installed plugin
-  QTUNE_PLUGINS_DIR    a folder of ``*.py`` plugin modules to load as well (never loaded by default)
+  QTUNE_LOAD_PLUGINS   comma-separated names of the plugins to load ("" loads none): entry-point or
+                       distribution names, and for QTUNE_PLUGINS_DIR the file names without .py;
+                       unset loads every installed plugin and every file of QTUNE_PLUGINS_DIR
+  QTUNE_PLUGINS_DIR    a folder of ``*.py`` plugin modules to load as well (never loaded by default);
+                       its files are executed (imported) by every qtune command; hidden files are skipped
   QTUNE_TRACE_PLUGINS  set to 1 to print every hook call with its arguments and results
 """
 
@@ -93,6 +95,13 @@ def suggest(name: str, choices: Any) -> str:
     return f"; choose one of: {', '.join(choices)}" if choices else ""
 
 
+def allowed_plugins() -> set[str] | None:
+    """The names QTUNE_LOAD_PLUGINS lists (entry-point or distribution names, or a plugin folder's
+    file names without ``.py``), or None when it is unset (everything loads)."""
+    wanted = os.environ.get("QTUNE_LOAD_PLUGINS")
+    return None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+
+
 class PluginHost:
     """A pluggy manager plus the registries its hooks fill. Built once per process by :func:`get_host`."""
 
@@ -122,8 +131,7 @@ class PluginHost:
         self.exporters = self._collect("export format", "register_exporters")
 
     def _load_entry_points(self) -> None:
-        wanted = os.environ.get("QTUNE_LOAD_PLUGINS")
-        allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+        allowed = allowed_plugins()
         for ep in entry_points(group="qtune"):
             dist = ep.dist.name if ep.dist else "unknown"
             if allowed is not None and ep.name not in allowed and dist not in allowed:
@@ -138,7 +146,12 @@ class PluginHost:
     def _load_directory(self, folder: Path) -> None:
         if not folder.is_dir():
             raise QtuneError(f"QTUNE_PLUGINS_DIR {str(folder)!r} is not a directory; point it at a folder of plugin .py files")
+        allowed = allowed_plugins()
         for path in sorted(folder.glob("*.py")):
+            if path.name.startswith("."):  # editor swap files, ._ files from macOS: never executed
+                continue
+            if allowed is not None and path.stem not in allowed:
+                continue
             name = f"qtune_local_plugin_{path.stem}"
             spec = importlib.util.spec_from_file_location(name, path)
             assert spec and spec.loader
@@ -191,6 +204,10 @@ class PluginHost:
         except QtuneError:
             raise
         except Exception as exc:
+            from .fsutil import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):  # not the plugin's fault
+                raise disk_full_error(doing, getattr(exc, "filename", None) or ".") from exc
             dist = self.distributions.get(plugin, ("",))[0]
             remedy = f"`pip uninstall {dist}`, " if dist and not dist.startswith("(") else ""
             raise QtuneError(

@@ -107,15 +107,46 @@ def preflight(config: Config, *, load_tokenizer: bool = True, resuming: bool = F
 
     report = Report(config=config)
     report.template = get_host().templates.get(config.template)
+    if not check_hub(report):
+        return report  # one line: nothing else can be checked without the hub
     check_settings(report, resuming=resuming)
     check_data(report)
     # The token checks need the tokenizer (a few seconds to import and load): they run once the
     # settings and the data are clean, so a typo is answered at once.
     if load_tokenizer and not report.errors and report.model_path is not None and report.train_rows is not None:
+        check_model_skeleton(report)
+    if load_tokenizer and not report.errors and report.model_path is not None and report.train_rows is not None:
         tokenizer = _load_tokenizer(report)
         if tokenizer is not None:
             check_tokens(report, tokenizer)
     return report
+
+
+def check_hub(report: Report) -> bool:
+    """The hub ids the config names (model, dataset) can be fetched or are cached; one attempt to
+    reach the hub, a few seconds (:mod:`qtune.hub`). False, with one finding, when they cannot."""
+    from .data import pick_loader
+    from .hub import check_reachable
+    from .models import resolve_model
+
+    config = report.config
+    wanted = []
+    try:
+        model = resolve_model(config.model.name)
+    except QtuneError:
+        model = None  # _check_model names the problem
+    if model is not None and not Path(model).exists():
+        wanted.append((model, "model", "model.name"))
+    try:
+        hub_data = config.dataset.path and pick_loader(config).name == "hub"
+    except QtuneError:
+        hub_data = False
+    if hub_data:
+        wanted.append((config.dataset.path, "dataset", "dataset.path"))
+    problem = check_reachable(wanted)
+    if problem:
+        report.add(ERROR, "", problem)
+    return problem is None
 
 
 def check_settings(report: Report, resuming: bool = False) -> None:
@@ -127,6 +158,8 @@ def check_settings(report: Report, resuming: bool = False) -> None:
     if not resuming:
         _check_output(report)
     _check_model(report)
+    _check_exports(report)
+    _check_callbacks(report)
     _check_trackers(report)
 
 
@@ -157,6 +190,9 @@ def _check_output(report: Report) -> None:
                    "choose a folder path")
     elif not os.access(existing, os.W_OK | os.X_OK):
         report.add(ERROR, "training.output_dir", f"cannot write to {str(existing)!r} (permission denied)", "choose a writable folder")
+    elif _file_system_type(existing) in PSEUDO_FILE_SYSTEMS:
+        report.add(ERROR, "training.output_dir", f"{str(existing)!r} is on the kernel's {_file_system_type(existing)} file system, "
+                   "which holds no files", "choose a folder on a disk")
 
 
 def _check_model(report: Report) -> None:
@@ -178,6 +214,7 @@ def _check_model(report: Report) -> None:
                    "point model.name at a folder written by save_pretrained, a hub id, or a name from `qtune models`")
         return
     if any(n.endswith(".safetensors") for n in names):
+        _check_safetensors(report, folder, sorted(n for n in names if n.endswith(".safetensors")))
         return
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -190,6 +227,167 @@ def _check_model(report: Report) -> None:
         )
     else:
         report.add(ERROR, "model.name", f"{path!r} holds no weights (*.safetensors)", "copy the model's .safetensors files there")
+
+
+#: file systems that hold no files of their own (the kernel's views); writing a run there fails
+PSEUDO_FILE_SYSTEMS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "securityfs", "tracefs",
+                                 "configfs", "pstore", "bpf", "fusectl", "mqueue", "hugetlbfs", "binfmt_misc", "efivarfs"})
+#: bytes per element of each safetensors dtype
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _file_system_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (from /proc/self/mounts), or "" when unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    target, best, kind = Path(path).resolve(), -1, ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind
+
+
+def _check_safetensors(report: Report, folder: Path, names: list[str]) -> None:
+    """Each weights file's header, read without loading a tensor: not empty, a JSON header of the
+    stated length, every tensor's bytes inside the file (a copy cut short fails here, not after the
+    run has started), and the shards an index names all present."""
+    problems = []
+    for name in names:
+        problem = safetensors_problem(folder / name)
+        if problem:
+            problems.append(f"{name} {problem}")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (ValueError, AttributeError):
+            shards = set()
+            problems.append("model.safetensors.index.json is not a JSON index")
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if missing:
+            problems.append(f"model.safetensors.index.json names {missing[0]}, which is missing")
+    if problems:
+        report.add(ERROR, "model.name", f"{str(folder)!r}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                   "copy the model's files again (a download or copy was cut short)")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with the safetensors file ``path`` (header and sizes only), or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes, too short for a safetensors header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"is cut short or not safetensors: its header claims {length:,} bytes of a {size:,}-byte file"
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "has no valid safetensors header (not JSON)"
+    if not isinstance(header, dict):
+        return "has no valid safetensors header"
+    data_bytes = size - 8 - length
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            expected = count * SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            return f"has a malformed entry for tensor {tensor!r}"
+        if end > data_bytes:
+            return f"is cut short: tensor {tensor!r} ends at byte {end:,} of {data_bytes:,} data bytes"
+        if SAFETENSORS_DTYPE_BYTES.get(info["dtype"]) and end - start != expected:
+            return f"has tensor {tensor!r} whose size does not match its shape"
+    return None
+
+
+def _check_callbacks(report: Report) -> None:
+    """The config's callbacks start with their options (as `qtune run` starts them, before the
+    model loads); the instances are dropped."""
+    from .pipeline import make_callbacks
+
+    try:
+        make_callbacks(report.config, [])
+    except QtuneError as exc:
+        report.add(ERROR, "", str(exc))
+
+
+def _check_exports(report: Report) -> None:
+    """Each ``exports:`` entry can run here (its packages installed): found now, not after training."""
+    from .plugin_manager import get_host, normalize_format
+
+    exporters = get_host().exporters
+    for index, entry in enumerate(report.config.exports):
+        name = normalize_format(entry.format)
+        if name not in exporters:
+            continue  # refused with the config
+        reason = exporters.get(name).unavailable_reason()
+        if reason:
+            report.add(ERROR, f"exports[{index}]", f"export format {name!r} cannot run here: {reason}",
+                       "or remove the entry and export later with `qtune export`")
+
+
+def check_model_skeleton(report: Report, model: Any = None) -> None:
+    """What the model's config says, checked without weights: the config loads (a custom model type
+    needs model.trust_remote_code), and every lora.target_modules entry names a module of the model,
+    built on the meta device (no memory) or taken from ``model`` when already loaded."""
+    config = report.config
+    if model is None:
+        try:
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(report.model_path, trust_remote_code=config.model.trust_remote_code)
+        except Exception as exc:  # ValueError (remote code, unknown type), OSError (missing, offline)
+            text = first_line(exc)
+            if "trust_remote_code" in text or "custom code" in text:
+                report.add(ERROR, "model.name", f"{report.model_path!r} is a custom model type whose code ships with the model",
+                           "read that code, then set model.trust_remote_code: true, or choose a model transformers knows")
+            elif not Path(report.model_path).is_dir() and isinstance(exc, OSError):
+                return  # a hub id not reachable here: the tokenizer check names it
+            else:
+                report.add(ERROR, "model.name", f"cannot read the config of {report.model_path!r}: {text}",
+                           "point model.name at a folder written by save_pretrained")
+            return
+        model = _meta_skeleton(model_config, config.model.trust_remote_code)
+        if model is None:
+            return
+    names = [name for name, _ in model.named_modules()]
+    targets = config.lora.target_modules
+    if targets in (["all-linear"], ["all_linear"]):
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n})
+        report.add(ERROR, "lora.target_modules", f"{', '.join(repr(t) for t in missing)} match no module of {report.model_path!r}",
+                   f"choose among its linear layers: {', '.join(linear[:20])}")
+
+
+def _meta_skeleton(model_config: Any, trust_remote_code: bool) -> Any:
+    """The model built from its config on the meta device: module names and shapes, no memory."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception:  # a config transformers cannot build as a causal LM: the backend will say so
+        return None
 
 
 def check_data(report: Report) -> None:
@@ -212,16 +410,29 @@ def check_data(report: Report) -> None:
         return
     indices = rows[ROW_COLUMN]
     columns = {f: spec.fields.get(f, f) for f in template.fields}
-    for name in template.fields:
+    columns.update({f: spec.fields.get(f, f) for f in template.optional_fields})
+    for name in template.fields + template.optional_fields:
         if name not in rows.column_names:
             continue
-        empty, wrong = [], []
+        optional = name not in template.fields
+        empty, wrong, numbers = [], [], []
         for index, value in zip(indices, rows[name], strict=True):
             if value is None or (isinstance(value, str) and not value.strip()):
                 empty.append(index)
             elif isinstance(value, (list, dict)):
                 wrong.append(index)
+            elif not isinstance(value, str):
+                numbers.append(index)
         column = f" (column {columns[name]!r})" if columns[name] != name else ""
+        if numbers and not spec.numbers_as_text:
+            report.add(ERROR, f"dataset field {name!r}{column}", f"holds numbers or booleans, not text ({rows_text(numbers)})",
+                       "quote them in the data, or set dataset.numbers_as_text: true to let the template convert them")
+        if optional:
+            if wrong:
+                report.add(ERROR, f"dataset field {name!r}{column}",
+                           f"holds lists or mappings, not text ({rows_text(wrong)}); the prompt would show their Python form",
+                           "make those values text or map the field to a text column with dataset.fields")
+            continue
         for index in empty[:FINDINGS_PER_KIND]:
             report.add(ERROR, f"dataset row {index}, field {name!r}{column}", "is empty", "fill it in or remove the row")
         if len(empty) > FINDINGS_PER_KIND:
@@ -302,8 +513,11 @@ def _load_tokenizer(report: Report):
 
         return AutoTokenizer.from_pretrained(report.model_path, trust_remote_code=config.model.trust_remote_code)
     except Exception as exc:  # OSError (missing files, offline), ValueError (unknown class), ...
+        from .hub import offline_requested
+
+        fetch = ", or unset HF_HUB_OFFLINE to fetch it once" if offline_requested() and not Path(report.model_path).exists() else ""
         report.add(ERROR, "model.name", f"cannot load the tokenizer of {report.model_path!r}: {first_line(exc)}",
-                   "point model.name at a folder with the tokenizer files, or set HF_HUB_OFFLINE=0 to fetch it once")
+                   f"point model.name at a folder with the tokenizer files{fetch}")
         return None
 
 

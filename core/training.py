@@ -24,6 +24,9 @@ from .memory import current_memory_gib
 from .run import RunContext
 from .types import TrainingCallback
 
+#: in a checkpoint's trainer_state.json (stateful_callbacks.QtuneBridge.attributes): the sum of the
+#: training losses up to that step, so a resumed run reports the same train_loss as one never stopped
+LOSS_SUM = "loss_sum"
 #: trainer checkpoints live in RUN_DIR/checkpoints/checkpoint-STEP
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -174,8 +177,12 @@ def batch_tokens(inputs) -> Any:
 def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: int = 0):
     """A transformers TrainerCallback that forwards the trainer's events to qtune's callbacks."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class QtuneBridge(TrainerCallback):
+    class QtuneBridge(TrainerCallback, ExportableState):
+        """Also an ExportableState: the trainer stores :meth:`state` in each checkpoint's
+        trainer_state.json, written last, so a complete checkpoint always carries it."""
+
         def __init__(self) -> None:
             self.last_time = time.perf_counter()
             # Counted here, not read from trl's num_tokens: Unsloth drops that from the logs on the GPU.
@@ -187,6 +194,13 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: i
             self.eval_batches = (0, 0)  # (done, total) of the evaluation under way
             self.eval_started = 0.0
             self.eval_rows = eval_rows  # held-out examples (before any packing)
+            #: the summed losses of the steps before this process started (read from the resumed
+            #: checkpoint) and, on the device, of the steps since: what the trainer's train_loss sums
+            self.loss_before = 0.0
+            self.loss_since: Any = 0.0
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {LOSS_SUM: self.loss_before + float(self.loss_since)}}
 
         def watch(self, trainer) -> None:
             """Count each micro-batch's tokens and keep its loss (on the device: no sync) for the
@@ -237,6 +251,10 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: i
             # Runs after the optimizer step and before the step is logged or saved: a NaN here never
             # reaches a checkpoint. One device sync covers the weights and the step's losses.
             losses, self.step_losses = self.step_losses, []
+            if losses:  # summed on the device, read only when a checkpoint is saved
+                import torch
+
+                self.loss_since = self.loss_since + torch.stack([loss.double() for loss in losses]).sum()
             if not all_finite(self.params + losses):
                 control.should_save = False
                 bad = [float(loss) for loss in losses if not math.isfinite(float(loss))]
@@ -374,6 +392,16 @@ def checkpoint_is_complete(path: Path) -> bool:
     )
 
 
+def checkpoint_loss_sum(path: Path) -> float:
+    """The summed training losses up to the checkpoint ``path`` (see :data:`LOSS_SUM`); 0.0 for a
+    checkpoint written by a qtune that did not record it."""
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+        return float(state["stateful_callbacks"]["QtuneBridge"]["attributes"][LOSS_SUM])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
     """(step, path, complete) for every checkpoint-N folder, by step."""
     folder = Path(folder)
@@ -423,6 +451,8 @@ def train(
     bridge.watch(trainer)
     # First, so that the numbers it adds to each log (tokens/s, memory) reach the trackers too.
     trainer.callback_handler.callbacks.insert(0, bridge)
+    if resume_from is not None:
+        bridge.loss_before = checkpoint_loss_sum(Path(resume_from))
     # Progress and metrics reach the user through qtune's callbacks and metrics.jsonl.
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -433,7 +463,10 @@ def train(
             raise out_of_memory_error(error, run.config) from None
         raise
     run.summary["train_runtime_s"] = round(time.perf_counter() - started, 2)
-    run.summary["train_loss"] = round(float(result.training_loss), 6)
+    # The trainer's training_loss divides the losses of this process's steps by all steps; the
+    # steps before a resume are added back from the checkpoint.
+    steps_done = max(int(result.global_step), 1)
+    run.summary["train_loss"] = round(float(result.training_loss) + bridge.loss_before / steps_done, 6)
     run.summary["steps"] = int(result.global_step)
     stopper = next((c for c in extra if isinstance(c, EarlyStoppingCallback)), None)
     if stopper is not None and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience:

@@ -51,6 +51,9 @@ INSTALL_HINT = "pip install 'qtune[gguf]'"
 CONVERTER = "convert_hf_to_gguf.py"
 # What the converter needs from the sdist's vendor/llama.cpp/ (conversion/ exists from 0.3.3x on).
 CONVERTER_PARTS = (CONVERTER, "conversion", "gguf-py", "LICENSE")
+#: sha256 of the llama-cpp-python sdists whose converter qtune runs (measured on the file pip
+#: downloads from PyPI; setup.cfg's gguf extra pins the version). Any other file is refused.
+SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def fetch_converter(version: str, dest: Path) -> None:
                 raise QtuneError(f"QTUNE_LLAMA_CPP_SDIST {sdist!r} is not a file; point it at llama_cpp_python-{version}.tar.gz")
         else:
             archive = _download_sdist(version, Path(tmp))
+        check_sdist_hash(archive, version)
         check_free_space(dest.parent, 16 * 2**20, "llama.cpp's converter")
         with tarfile.open(archive, "r:gz") as tar:
             members = []
@@ -183,8 +187,27 @@ def fetch_converter(version: str, dest: Path) -> None:
                 tar.extractall(out, members=members, filter="data")
 
 
+def check_sdist_hash(archive: Path, version: str) -> None:
+    """Refuse an sdist whose sha256 is not the one pinned for ``version`` (its converter is run)."""
+    import hashlib
+
+    expected = SDIST_SHA256.get(version)
+    if expected is None:
+        raise QtuneError(f"qtune has no pinned sha256 for the llama-cpp-python {version} sdist, so it will not run its converter; "
+                         f"install a pinned version ({INSTALL_HINT}) or pass --llama-cpp-dir with a llama.cpp checkout")
+    digest = hashlib.sha256()
+    with open(archive, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise QtuneError(f"{archive.name}: sha256 {digest.hexdigest()[:16]}... is not the pinned {expected[:16]}... of "
+                         f"llama-cpp-python {version}; the file is damaged or not the release; download it again from PyPI")
+
+
 def _download_sdist(version: str, folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+    # --no-binary for this one package only: its build requirements (cmake, ...) may come as wheels,
+    # which pip needs to read the sdist's metadata; building them from source takes many minutes
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "--disable-pip-version-check",
                "--quiet", "-d", str(folder), f"llama-cpp-python=={version}"]
     done = subprocess.run(command, capture_output=True, text=True)
     found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))

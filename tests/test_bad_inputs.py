@@ -282,8 +282,8 @@ def _(tmp, model):
 
 case("plugin-raises-in-hook", "failed in register_templates", "RuntimeError: boom")(with_plugin(
     "from qtune import hookimpl\n\n@hookimpl\ndef register_templates(register):\n    raise RuntimeError('boom')\n"))
-case("plugin-fails-to-import", "failed to load", "ModuleNotFoundError")(with_plugin("import qtune_no_such_module\n"))
-case("plugin-callback-fails-to-start", "callbacks[0] (boom", "failed to start", "no GPU monitor here")(with_plugin(
+case("plugin-fails-to-import", "failed in loading", "ModuleNotFoundError")(with_plugin("import qtune_no_such_module\n"))
+case("plugin-callback-fails-to-start", "failed in starting callback 'boom' (callbacks[0])", "no GPU monitor here")(with_plugin(
     "from qtune import hookimpl\nfrom qtune.types import TrainingCallback\n\n"
     "class Boom(TrainingCallback):\n    name = 'boom'\n\n    def __init__(self, **options):\n"
     "        raise RuntimeError('no GPU monitor here')\n\n"
@@ -362,6 +362,81 @@ def _(tmp, model):
 case("run-without-config", "give a CONFIG")(lambda tmp, model: (["run"], {}))
 
 
+# --------------------------------------------------------------------------- second round (issue 15): what validate
+# must catch because run would die on it later, and what used to be accepted silently
+
+case("yaml-duplicate-section", "key 'lora' at line 4 repeats the one at line 2")(
+    run_text("name: tiny\nlora:\n  r: 8\nlora:\n  alpha: 16\n"))
+case("seed-too-large-for-numpy", "training.seed", "less than 4294967296")(run_with(training={"seed": 2**40}))
+case("learning-rate-nan", "training.learning_rate", "finite")(run_text("training:\n  learning_rate: .nan\n"))
+case("synonym-rank", "unknown config key 'lora.rank'", "did you mean 'lora.r'?")(run_with(lora={"rank": 8}))
+case("synonym-lr", "did you mean 'training.learning_rate'?")(run_with(training={"lr": 1e-4}))
+case("key-in-the-wrong-section", "did you mean 'model.max_seq_length'?")(run_with(training={"max_seq_length": 512}))
+
+
+@case("synonym-batch-size-in-set", "did you mean 'training.per_device_train_batch_size'?")
+def _(tmp, model):
+    return ["run", config_with(tmp, model), "--set", "batch_size=4"], {}
+
+
+case("dataset-numbers-in-a-text-field", "field 'output'", "holds numbers", "rows 0, 1, 2, 3", "numbers_as_text")(
+    with_data("data.jsonl", "".join(json.dumps({"instruction": r["instruction"], "output": i}) + "\n" for i, r in enumerate(ALPACA_ROWS))))
+case("dataset-mapping-in-an-optional-field", "field 'input'", "lists or mappings", "row 1")(
+    with_data("data.jsonl", "".join(json.dumps({**r, "input": {"a": 1} if i == 1 else ""}) + "\n" for i, r in enumerate(ALPACA_ROWS))))
+
+
+@case("model-safetensors-empty", "model.safetensors is empty (0 bytes)")
+def _(tmp, model):
+    folder = model_folder_with_weights(tmp / "empty-weights", model, "model.safetensors", b"")
+    return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
+
+
+@case("model-safetensors-truncated", "model.safetensors is cut short")
+def _(tmp, model):
+    content = (model / "model.safetensors").read_bytes()
+    folder = model_folder_with_weights(tmp / "cut-weights", model, "model.safetensors", content[: len(content) // 2])
+    return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
+
+
+@case("model-needs-remote-code", "custom model type", "model.trust_remote_code: true")
+def _(tmp, model):
+    folder = tmp / "custom-model"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="qtune-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    return ["run", config_with(tmp, model, model={"name": str(folder)})], {}
+
+
+case("lora-target-modules-missing", "lora.target_modules", "'qkv_proj' match no module", "q_proj")(
+    run_with(lora={"target_modules": ["q_proj", "qkv_proj"]}))
+
+UNAVAILABLE_EXPORTER = '''
+from qtune.api import Exporter, hookimpl
+
+class Onnx(Exporter):
+    name = "onnx-test"
+
+    def unavailable_reason(self):
+        return "onnxruntime is not installed; install it with: pip install onnxruntime"
+
+@hookimpl
+def register_exporters(register):
+    register(Onnx())
+'''
+case("export-cannot-run-here", "exports[0]", "'onnx-test' cannot run here", "pip install onnxruntime")(
+    with_plugin(UNAVAILABLE_EXPORTER, exports=["onnx-test"]))
+case("output-dir-under-proc", "training.output_dir", "proc file system")(run_with(training={"output_dir": "/proc/qtune-runs"}))
+
+
+@case("hub-unreachable", "cannot reach the Hugging Face hub", "model 'qtune-test/missing-model'", "qtune init --preset demo")
+def _(tmp, model):
+    # HF_ENDPOINT on a closed local port: unreachable everywhere, even on a machine that is online
+    env = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp.parent / "hf-home")}
+    return ["run", config_with(tmp, model, model={"name": "qtune-test/missing-model"})], env
+
+
 # --------------------------------------------------------------------------- the runner
 
 
@@ -375,7 +450,11 @@ def listing(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 75
+
+
+#: cases `qtune validate` cannot see: they are about `run` itself (its arguments, --resume)
+RUN_ONLY = {"resume-not-a-run", "resume-without-checkpoint", "resume-a-finished-run", "resume-with-a-config", "run-without-config"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -391,3 +470,20 @@ def test_bad_input_is_refused_in_one_line_writing_nothing(name, tmp_path, tiny_q
         assert needle in line, line
     assert listing(work) == before, "files were written"
     assert (work / "runs").exists() == ("runs" in before), "an output folder appeared"
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name not in RUN_ONLY])
+def test_validate_refuses_what_run_refuses(name, tmp_path, tiny_qwen_dir):
+    """One rule: what `qtune validate` accepts, `qtune run` carries to the first training step. So
+    every case `run` refuses, `validate` refuses too, in one line, writing nothing."""
+    build, needles = CASES[name]
+    work = tmp_path / "case"
+    work.mkdir()
+    argv, env = build(work, tiny_qwen_dir)
+    assert argv[0] == "run"
+    before = listing(work)
+    line = one_line_error(run_qtune("validate", *argv[1:], cwd=work, env=env, timeout=300))
+    assert line.startswith("Error: "), line
+    for needle in needles:
+        assert needle in line, line
+    assert listing(work) == before, "files were written"

@@ -220,6 +220,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen_dir
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-3 * max(1.0, x["grad_norm"]), (x, y)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 8 and "error" not in summary
+    # train_loss is the mean over all 8 steps, those before the kill included, as in the straight run
+    # (both rounded to 6 places, so one unit of the last place is the tolerance)
+    straight_loss = json.loads((straight / "summary.json").read_text())["train_loss"]
+    assert abs(summary["train_loss"] - straight_loss) <= 1e-6 + 1e-12, (summary["train_loss"], straight_loss)
+    assert abs(straight_loss - sum(m["loss"] for m in a) / len(a)) <= 1e-5  # the mean of the logged step losses
     weights_a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     weights_b = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert weights_a.keys() == weights_b.keys()
@@ -340,7 +345,7 @@ def test_a_failing_callback_becomes_one_line_naming_it():
 
     with pytest.raises(QtuneError) as info:
         call_callbacks([Flaky()], "on_step_end", None, 3, {})
-    assert str(info.value).startswith("callback 'flaky'") and "on_step_end" in str(info.value) and "KeyError" in str(info.value)
+    assert "of callback 'flaky'" in str(info.value) and "on_step_end" in str(info.value) and "KeyError" in str(info.value)
 
 
 # --------------------------------------------------------------------------- security
@@ -414,8 +419,13 @@ def test_plugin_folders_load_only_when_named(tmp_path, monkeypatch):
 
 
 def test_validate_loads_no_model_weights(tmp_path, tiny_qwen_dir):
-    """validate needs the tokenizer only: a model folder whose weights are unreadable still validates."""
-    folder = model_folder_with_weights(tmp_path / "model", tiny_qwen_dir, "model.safetensors", b"not safetensors at all")
+    """validate needs the tokenizer only: a model folder whose weights file is sound (its header is
+    checked) but holds none of this model's tensors still validates."""
+    import torch
+    from safetensors.torch import save
+
+    content = save({"not.a.tensor.of.this.model": torch.zeros(2, 2)})
+    folder = model_folder_with_weights(tmp_path / "model", tiny_qwen_dir, "model.safetensors", content)
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     result = qtune("validate", tiny_run_config(tmp_path, folder, data))
     assert result.returncode == 0, result.stderr
@@ -447,3 +457,60 @@ def test_yaml_of_a_run_is_the_config_it_resumes_with(tmp_path, tiny_qwen_dir):
     assert found == checkpoint and resumed_config == config
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["save_steps"] == 5
     assert math.isfinite(resumed_config.training.learning_rate)
+
+
+def test_plugin_folder_skips_hidden_files_and_obeys_qtune_load_plugins(tmp_path, monkeypatch):
+    """Each file of the folder leaves a marker when imported (executed)."""
+    from qtune.plugin_manager import PluginHost
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    for stem in ("visible", ".hidden", "other"):
+        (folder / f"{stem}.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / ('ran-' + stem.lstrip('.')))!r}).touch()\n")
+
+    def executed() -> list[str]:
+        ran = sorted(p.name for p in tmp_path.glob("ran-*"))
+        for p in tmp_path.glob("ran-*"):
+            p.unlink()
+        return ran
+
+    monkeypatch.setenv("QTUNE_PLUGINS_DIR", str(folder))
+    monkeypatch.delenv("QTUNE_LOAD_PLUGINS", raising=False)
+    PluginHost()
+    assert executed() == ["ran-other", "ran-visible"]  # never the hidden one
+    monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "")
+    PluginHost()
+    assert executed() == []
+    monkeypatch.setenv("QTUNE_LOAD_PLUGINS", "visible")
+    host = PluginHost()
+    assert executed() == ["ran-visible"] and str(folder / "visible.py") in host.distributions
+
+
+def test_converter_sdist_runs_only_with_the_pinned_sha256(tmp_path, monkeypatch):
+    """A tampered sdist (a converter of someone else's making) is refused before anything is
+    extracted; the pinned hash was measured on the sdist pip downloads from PyPI."""
+    import hashlib
+    import io
+    import tarfile
+
+    from qtune.plugins.gguf_export import SDIST_SHA256, fetch_converter
+
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        code = b"print('not llama.cpp')\n"
+        member = tarfile.TarInfo("llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")
+        member.size = len(code)
+        tar.addfile(member, io.BytesIO(code))
+    monkeypatch.setenv("QTUNE_LLAMA_CPP_SDIST", str(fake))
+    dest = tmp_path / "cache" / "llama.cpp" / "0.3.36"
+    with pytest.raises(QtuneError, match="is not the pinned 832db0699007f1be") as info:
+        fetch_converter("0.3.36", dest)
+    assert "\n" not in str(info.value) and not dest.exists()
+    with pytest.raises(QtuneError, match="no pinned sha256 for the llama-cpp-python 9.9.9 sdist"):
+        fetch_converter("9.9.9", dest)
+    real = os.environ.get("QTUNE_LLAMA_CPP_SDIST_REAL")  # set it to check the pin against a downloaded sdist
+    if real:
+        assert hashlib.sha256(Path(real).read_bytes()).hexdigest() == SDIST_SHA256["0.3.36"]
+        monkeypatch.setenv("QTUNE_LLAMA_CPP_SDIST", real)
+        fetch_converter("0.3.36", dest)
+        assert (dest / "convert_hf_to_gguf.py").is_file()
