@@ -48,7 +48,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import gpu_merge_4bit as shared  # noqa: E402  (the tokenizer, the bundle, the random base, this checkout's qtune)
+import checkpoints  # noqa: E402  (the random-weight base of a real Qwen2.5 shape, built on the GPU)
+import gpu_merge_4bit as shared  # noqa: E402  (the tokenizer, the bundle, this checkout's qtune)
 
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/qtune-oom"))
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
     WORK.mkdir(parents=True)
     shared._use_checkout()
     base = WORK / "base"
-    built = shared.build_base(args.shape, base)
+    built = checkpoints.build(base, args.shape)
     checks: dict[str, bool] = {}
     record: dict = {"shape": built, "gpu": torch.cuda.get_device_name(0),
                     "total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
