@@ -203,7 +203,7 @@ def estimates(model_fields: dict, layers: int) -> dict:
 
     shape = ModelShape(model_fields["vocab_size"], model_fields["hidden_size"], layers, model_fields["intermediate_size"],
                        model_fields["num_attention_heads"], model_fields["num_key_value_heads"])
-    from qtune.distributed import sharded_memory_gib
+    from qtune.profiles import sharded_memory_gib
 
     tokens = 2 * 2048
     return {

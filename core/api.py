@@ -25,8 +25,7 @@ from .merge import DEFAULT_SHARD_SIZE, load_merged, prepare_tokenizer, save_merg
 from .models import cache_dir
 from .profiles import FUSED_KERNELS, PLAIN_KERNELS, MemoryTraits, ModelShape, seed_memory_gib
 from .quantization import DTYPES, disable_bnb_cpu_repacking, nf4_config, torch_dtype, training_quantization
-from .run import ADAPTER_DIR, RUNNING_FILE, FinishedRun, RunContext
-from .training import CHECKPOINTS_DIR, last_complete_checkpoint
+from .run import ADAPTER_DIR, CHECKPOINTS_DIR, RUNNING_FILE, FinishedRun, RunContext, last_complete_checkpoint
 from .types import Backend, ChatTemplate, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
 from .verify import (
     PromptResult,

@@ -149,6 +149,42 @@ class Ranks:
 # --------------------------------------------------------------------------- planning
 
 
+def prepare_run(config: Config, console: Any, chosen: Plan) -> tuple[Config, Path]:
+    """Everything before the weights load, once: the profile, preflight (its findings printed),
+    the run directory with config.yaml, preflight.json and distributed.json. Returns the config
+    as resolved (what every rank then reads from config.yaml) and the run directory."""
+    from .backends import choose_backend
+    from .data import trainable
+    from .fsutil import atomic_file
+    from .preflight import PREFLIGHT_VERSION, PreflightError, data_fingerprint, preflight, print_findings
+    from .profiles import resolve_profile
+    from .run import PREFLIGHT_FILE, new_run_dir
+
+    if chosen.backend is not None:
+        config = config.model_copy(deep=True)
+        config.model.backend = chosen.backend
+    config = resolve_profile(config, choose_backend(config), console, processes=chosen.processes,
+                            sharded=chosen.strategy == "fsdp")
+    # The launching process never trains: it checks the tokens with the model folder's tokenizer
+    # (a backend that patches transformers has its own tokenizer checked again by each rank).
+    report = preflight(config, load_tokenizer=True)
+    if report.errors:
+        raise PreflightError(report.errors)
+    print_findings(report, console)
+    run_dir = new_run_dir(config)
+    run_dir.mkdir(parents=True)
+    with atomic_file(run_dir / "config.yaml") as handle:
+        handle.write(config.to_yaml())
+    fingerprint = data_fingerprint(trainable(report.encoded))
+    with atomic_file(run_dir / PREFLIGHT_FILE) as handle:
+        json.dump({"version": PREFLIGHT_VERSION, "fingerprint": fingerprint, **report.to_json()}, handle, indent=2, default=str)
+    write_distributed(run_dir, chosen)
+    return config, run_dir
+
+
+# --------------------------------------------------------------------------- launching
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a run will train: ``processes`` on ``device`` ("cuda" or "cpu") with ``strategy``
@@ -172,27 +208,6 @@ class Plan:
                 "replica_gib": self.replica_gib, "shard_gib": self.shard_gib}
 
 
-def sharded_memory_gib(shape: ModelShape, tokens_per_microbatch: int, processes: int, gradient_checkpointing: Any = True,
-                       lora_r: int = 16, target_modules: Optional[list[str]] = None, load_in_4bit: bool = True,
-                       kernels: Any = None) -> float:
-    """Peak memory (GiB) per GPU with FSDP over ``processes`` GPUs: :func:`qtune.profiles.estimate_memory_gib`
-    for a whole replica, less the share of the decoder layers' weights and the LoRA weights (with
-    their gradients and optimizer states) that other GPUs hold, plus two layers gathered at a time
-    (the one computing and the one prefetched). Embeddings and the output head are counted whole:
-    they sit in FSDP's root unit, gathered for the whole forward and backward. Activations are not
-    sharded: each GPU keeps those of its own micro-batch.
-    """
-    from .profiles import LORA_BYTES_PER_PARAM, NF4_BYTES_PER_PARAM, PLAIN_KERNELS, estimate_memory_gib
-
-    replica = estimate_memory_gib(shape, tokens_per_microbatch, gradient_checkpointing, lora_r, target_modules,
-                                  load_in_4bit, kernels or PLAIN_KERNELS)
-    linear = shape.layers * shape.linear_params_per_layer * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0)
-    lora = shape.lora_params(lora_r, target_modules) * LORA_BYTES_PER_PARAM
-    held_elsewhere = (linear + lora) * (1 - 1 / processes)
-    gathered = 2 * linear / shape.layers if processes > 1 else 0.0
-    return round(replica - (held_elsewhere - gathered) / GIB * 1.05, 2)
-
-
 def _estimate_args(config: Config) -> dict[str, Any]:
     return dict(
         tokens_per_microbatch=config.training.per_device_train_batch_size * config.model.max_seq_length,
@@ -209,7 +224,7 @@ def plan(config: Config, processes: int, device: str, backend: Any, gpus_present
     ``backend`` is the backend chosen for one process; ``gpus_present`` and ``gpu_gib`` default to
     what the CUDA driver reports (asked without importing torch).
     """
-    from .profiles import PLAIN_KERNELS, estimate_memory_gib, model_shape_for
+    from .profiles import PLAIN_KERNELS, estimate_memory_gib, model_shape_for, sharded_memory_gib
 
     wanted = config.training.distributed
     if processes < 1:
@@ -302,7 +317,7 @@ def _with_backend(config: Config, chosen: Plan, backend: Any) -> Plan:
 def gpus_needed(shape: ModelShape, config: Config, gpu_gib: float, kernels: Any = None) -> Optional[tuple[int, str]]:
     """The fewest GPUs of ``gpu_gib`` that train ``shape`` with ``config``'s settings, and the strategy
     (``single`` on one GPU, else ``fsdp``); None when even :data:`MAX_GPUS` are not enough."""
-    from .profiles import FUSED_KERNELS, PLAIN_KERNELS, estimate_memory_gib
+    from .profiles import FUSED_KERNELS, PLAIN_KERNELS, estimate_memory_gib, sharded_memory_gib
 
     args = _estimate_args(config)
     budget = gpu_gib * HEADROOM
@@ -391,42 +406,6 @@ def accumulation_for(config: Config, run_dir: Path, processes: int) -> int:
     return total // processes
 
 
-def prepare_run(config: Config, console: Any, chosen: Plan) -> tuple[Config, Path]:
-    """Everything before the weights load, once: the profile, preflight (its findings printed),
-    the run directory with config.yaml, preflight.json and distributed.json. Returns the config
-    as resolved (what every rank then reads from config.yaml) and the run directory."""
-    from .backends import choose_backend
-    from .data import trainable
-    from .fsutil import atomic_file
-    from .pipeline import PREFLIGHT_FILE, _apply_profile, new_run_dir
-    from .preflight import PREFLIGHT_VERSION, PreflightError, data_fingerprint, preflight, print_findings
-
-    if chosen.backend is not None:
-        config = config.model_copy(deep=True)
-        config.model.backend = chosen.backend
-    config = _apply_profile(config, choose_backend(config), console, processes=chosen.processes,
-                            sharded=chosen.strategy == "fsdp")
-    # The launching process never trains: it checks the tokens with the model folder's tokenizer
-    # (a backend that patches transformers has its own tokenizer checked again by each rank).
-    report = preflight(config, load_tokenizer=True)
-    if report.errors:
-        raise PreflightError(report.errors)
-    print_findings(report, console)
-    run_dir = new_run_dir(config)
-    run_dir.mkdir(parents=True)
-    with atomic_file(run_dir / "config.yaml") as handle:
-        handle.write(config.to_yaml())
-    fingerprint = data_fingerprint(trainable(report.encoded))
-    with atomic_file(run_dir / PREFLIGHT_FILE) as handle:
-        json.dump({"version": PREFLIGHT_VERSION, "fingerprint": fingerprint, **report.to_json()}, handle, indent=2, default=str)
-    write_distributed(run_dir, chosen)
-    return config, run_dir
-
-
-# --------------------------------------------------------------------------- launching
-
-
-@dataclass
 class Launch:
     """What ``qtune run --gpus N`` / ``--cpu-processes N`` asked for."""
 
@@ -520,8 +499,7 @@ def _rank_log(run_dir: Path, failure: Any) -> str:
 
 
 def _resume_hint(run_dir: Path, launch_request: Launch) -> str:
-    from .pipeline import ADAPTER_DIR
-    from .training import CHECKPOINTS_DIR, last_complete_checkpoint
+    from .run import ADAPTER_DIR, CHECKPOINTS_DIR, last_complete_checkpoint
 
     if (run_dir / ADAPTER_DIR).exists():
         return ""

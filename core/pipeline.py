@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -26,55 +25,20 @@ from .backends import choose_backend
 from .config import Config
 from .errors import QtuneError, first_line
 from .fsutil import atomic_dir, atomic_file, disk_full_error, is_disk_full, lock_folder, read_json_dict
-from .plugin_manager import get_host
-from .run import ADAPTER_DIR, RUNNING_FILE, RunContext
-from .training import (
+from .plugin_manager import get_host, make_callbacks
+from .profiles import resolve_profile
+from .run import (
+    ADAPTER_DIR,
     CHECKPOINTS_DIR,
-    call_callbacks,
-    is_out_of_memory,
+    PREFLIGHT_FILE,
+    RUNNING_FILE,
+    RunContext,
     last_complete_checkpoint,
     list_checkpoints,
-    out_of_memory_error,
+    new_run_dir,
 )
+from .training import call_callbacks, is_out_of_memory, out_of_memory_error
 from .types import Backend, TrainingCallback
-
-PREFLIGHT_FILE = "preflight.json"
-
-
-def new_run_dir(config: Config) -> Path:
-    root = Path(config.training.output_dir).expanduser()
-    name = config.name or time.strftime("run-%Y%m%d-%H%M%S")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise QtuneError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'; change `name`")
-    run_dir = root / name
-    if run_dir.exists():
-        raise QtuneError(f"run directory {str(run_dir)!r} already exists; choose another `name` or remove it")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".qtune-write-test-{name}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise QtuneError(f"cannot write to training.output_dir {str(root)!r}: {exc.strerror}; choose a writable folder") from None
-    return run_dir
-
-
-def make_callbacks(config: Config, extra: list[TrainingCallback]) -> list[TrainingCallback]:
-    registry = get_host().callbacks
-    callbacks = list(extra)
-    for index, entry in enumerate(config.callbacks):
-        factory = registry.get(entry.name)
-        try:
-            callbacks.append(factory(**entry.options))
-        except TypeError as exc:
-            raise QtuneError(f"callbacks[{index}] ({entry.name}): bad options: {exc}") from None
-        except QtuneError:
-            raise
-        except Exception:  # a plugin's constructor failing
-            with get_host().guard_item(registry, entry.name, f"starting callback {entry.name!r} (callbacks[{index}])"):
-                raise
-    return callbacks
-
 
 # --------------------------------------------------------------------------- resume
 
@@ -185,7 +149,7 @@ def run(config: Config, console, extra_callbacks: list[TrainingCallback] | None 
     if resume is not None:
         _, checkpoint = open_for_resume(resume)  # its config.yaml already holds the applied profile
     elif prepared is None:
-        config = _apply_profile(config, backend, console)
+        config = resolve_profile(config, backend, console)
 
     early = _tokens_before_model(backend)
     if ranks.distributed or (resume is not None and (Path(resume) / DISTRIBUTED_FILE).is_file()):
@@ -324,26 +288,6 @@ def _metric_records(path: Path) -> list[dict]:
             if isinstance(record, dict):
                 records.append(record)
     return records
-
-
-def _apply_profile(config: Config, backend, console, processes: int = 1, sharded: bool = False) -> Config:
-    """Resolve ``training.profile`` for the GPU at hand (each of ``processes``); the run directory keeps the result."""
-    if config.training.profile == "seed":
-        return config
-    from .attention import varlen_machine_reason
-    from .backends import cuda_total_memory_gib
-    from .profiles import apply_profile, attention_choice, model_shape_for, profile_changes
-
-    machine = varlen_machine_reason()
-    shape = model_shape_for(config.model.name)
-    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits, varlen_unavailable=machine,
-                            processes=processes, sharded=sharded)
-    changes = profile_changes(config, applied)
-    console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
-    _, why_not = attention_choice(config, shape, machine)
-    if why_not:
-        console.print(f"[cyan]note:[/] varlen attention not chosen: {why_not}", soft_wrap=True)
-    return applied
 
 
 def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint):

@@ -225,6 +225,25 @@ class PluginHost:
         return sorted(rows, key=lambda r: (r["distribution"] != "qtune (built-in)", r["name"]))
 
 
+def make_callbacks(config: Any, extra: list[Any]) -> list[Any]:
+    """Fresh instances of the config's callbacks (``qtune.types.TrainingCallback``), after ``extra``; one
+    line naming a plugin whose callback fails to start."""
+    registry = get_host().callbacks
+    callbacks = list(extra)
+    for index, entry in enumerate(config.callbacks):
+        factory = registry.get(entry.name)
+        try:
+            callbacks.append(factory(**entry.options))
+        except TypeError as exc:
+            raise QtuneError(f"callbacks[{index}] ({entry.name}): bad options: {exc}") from None
+        except QtuneError:
+            raise
+        except Exception:  # a plugin's constructor failing
+            with get_host().guard_item(registry, entry.name, f"starting callback {entry.name!r} (callbacks[{index}])"):
+                raise
+    return callbacks
+
+
 def _qtune_version() -> str:
     from . import __version__
 

@@ -318,7 +318,7 @@ def safetensors_problem(path: Path) -> str | None:
 def _check_callbacks(report: Report) -> None:
     """The config's callbacks start with their options (as `qtune run` starts them, before the
     model loads); the instances are dropped."""
-    from .pipeline import make_callbacks
+    from .plugin_manager import make_callbacks
 
     try:
         make_callbacks(report.config, [])

@@ -211,6 +211,26 @@ def estimate_memory_gib(
     return round((total / GIB + FIXED_OVERHEAD_GIB) * 1.05, 2)
 
 
+def sharded_memory_gib(shape: ModelShape, tokens_per_microbatch: int, processes: int, gradient_checkpointing: Any = True,
+                       lora_r: int = 16, target_modules: Optional[list[str]] = None, load_in_4bit: bool = True,
+                       kernels: Any = None) -> float:
+    """Peak memory (GiB) per GPU with FSDP over ``processes`` GPUs: :func:`estimate_memory_gib`
+    for a whole replica, less the share of the decoder layers' weights and the LoRA weights (with
+    their gradients and optimizer states) that other GPUs hold, plus two layers gathered at a time
+    (the one computing and the one prefetched). Embeddings and the output head are counted whole:
+    they sit in FSDP's root unit, gathered for the whole forward and backward. Activations are not
+    sharded: each GPU keeps those of its own micro-batch.
+    """
+    replica = estimate_memory_gib(shape, tokens_per_microbatch, gradient_checkpointing, lora_r, target_modules,
+                                  load_in_4bit, kernels or PLAIN_KERNELS)
+    linear = shape.layers * shape.linear_params_per_layer * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0)
+    lora = shape.lora_params(lora_r, target_modules) * LORA_BYTES_PER_PARAM
+    held_elsewhere = (linear + lora) * (1 - 1 / processes)
+    gathered = 2 * linear / shape.layers if processes > 1 else 0.0
+    return round(replica - (held_elsewhere - gathered) / GIB * 1.05, 2)
+
+
+
 def seed_memory_gib(shape: ModelShape) -> float:
     """The catalogue's figure: QLoRA r16 on the 7 projections, 2 x 2048-token micro-batches, Unsloth's
     offloaded checkpointing (the seed notebook's settings at full sequence length)."""
@@ -308,7 +328,7 @@ def apply_profile(
     backend's attention.
 
     On ``processes`` GPUs the micro-batch is planned per GPU (with ``sharded``, against the memory
-    of one FSDP shard, :func:`qtune.distributed.sharded_memory_gib`) and the accumulation is divided
+    of one FSDP shard, :func:`sharded_memory_gib`) and the accumulation is divided
     among the processes, so that an optimizer step still holds the seed's token capacity.
     """
     profile = getattr(config.training, "profile", "seed")
@@ -331,8 +351,6 @@ def apply_profile(
         def fits(n: int, ckpt: Union[bool, str]) -> bool:
             args = (n * seq, ckpt, config.lora.r, list(config.lora.target_modules), config.model.load_in_4bit)
             if sharded:
-                from .distributed import sharded_memory_gib
-
                 return sharded_memory_gib(shape, args[0], processes, *args[1:], kernels=PLAIN_KERNELS) <= budget
             return estimate_memory_gib(shape, *args, kernels) <= budget
 
@@ -361,3 +379,22 @@ def profile_changes(before: Config, after: Config) -> list[str]:
             if old.get(key) != value:
                 changes.append(f"{section}.{key}: {old.get(key)!r} -> {value!r}")
     return changes
+
+
+def resolve_profile(config: Config, backend: Any, console: Any, processes: int = 1, sharded: bool = False) -> Config:
+    """Resolve ``training.profile`` for the GPU at hand (each of ``processes``); the run directory keeps the result."""
+    if config.training.profile == "seed":
+        return config
+    from .attention import varlen_machine_reason
+    from .backends import cuda_total_memory_gib
+
+    machine = varlen_machine_reason()
+    shape = model_shape_for(config.model.name)
+    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits, varlen_unavailable=machine,
+                            processes=processes, sharded=sharded)
+    changes = profile_changes(config, applied)
+    console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
+    _, why_not = attention_choice(config, shape, machine)
+    if why_not:
+        console.print(f"[cyan]note:[/] varlen attention not chosen: {why_not}", soft_wrap=True)
+    return applied

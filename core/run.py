@@ -18,6 +18,7 @@ Layout of ``OUTPUT_DIR/NAME/``::
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
 
 ADAPTER_DIR = "adapter"
+PREFLIGHT_FILE = "preflight.json"
 #: present while a process trains the run; a killed run leaves it behind (`qtune runs` checks the process)
 RUNNING_FILE = "running.json"
 
@@ -129,3 +131,70 @@ class FinishedRun:
     def summary(self) -> dict[str, Any]:
         path = self.run_dir / "summary.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A checkpoint folder the trainer finished: it writes trainer_state.json last, after the
+    weights, optimizer, scheduler and RNG state; a kill mid-save leaves it missing or cut short."""
+    path = Path(path)
+    step = checkpoint_step(path)
+    if step is None or not path.is_dir():
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return False
+    names = {p.name for p in path.iterdir()}
+    return (
+        any(n.endswith(".safetensors") for n in names)
+        and {"optimizer.pt", "scheduler.pt"} <= names
+        and any(n.startswith("rng_state") for n in names)
+    )
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) for every checkpoint-N folder, by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted((step, path, checkpoint_is_complete(path)) for step, path in found)
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    complete = [path for _, path, ok in list_checkpoints(folder) if ok]
+    return complete[-1] if complete else None
+
+
+# --------------------------------------------------------------------------- new run folders
+
+
+def new_run_dir(config: Config) -> Path:
+    root = Path(config.training.output_dir).expanduser()
+    name = config.name or time.strftime("run-%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise QtuneError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'; change `name`")
+    run_dir = root / name
+    if run_dir.exists():
+        raise QtuneError(f"run directory {str(run_dir)!r} already exists; choose another `name` or remove it")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".qtune-write-test-{name}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise QtuneError(f"cannot write to training.output_dir {str(root)!r}: {exc.strerror}; choose a writable folder") from None
+    return run_dir

@@ -5,14 +5,13 @@ the pipeline loads the model through the backend first.
 
 Safety nets here: a non-finite loss or LoRA weight stops training before the step's checkpoint is
 written (so every checkpoint on disk is a good one); a CUDA out-of-memory error becomes one line of
-advice; a checkpoint counts only once complete (see :func:`checkpoint_is_complete`).
+advice; a checkpoint counts only once complete (see :func:`qtune.run.checkpoint_is_complete`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -21,15 +20,13 @@ from typing import Any
 
 from .errors import QtuneError
 from .memory import current_memory_gib
-from .run import RunContext
+from .run import CHECKPOINTS_DIR, RunContext, last_complete_checkpoint
 from .types import TrainingCallback
 
 #: in a checkpoint's trainer_state.json (stateful_callbacks.QtuneBridge.attributes): the sum of the
 #: training losses up to that step, so a resumed run reports the same train_loss as one never stopped
 LOSS_SUM = "loss_sum"
 #: trainer checkpoints live in RUN_DIR/checkpoints/checkpoint-STEP
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 #: eval_steps that no step reaches: the trainer then evaluates once, at the last step
@@ -366,32 +363,6 @@ def out_of_memory_error(error: BaseException, config, during: str = "training") 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_step(path: Path) -> int | None:
-    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def checkpoint_is_complete(path: Path) -> bool:
-    """A checkpoint folder the trainer finished: it writes trainer_state.json last, after the
-    weights, optimizer, scheduler and RNG state; a kill mid-save leaves it missing or cut short."""
-    path = Path(path)
-    step = checkpoint_step(path)
-    if step is None or not path.is_dir():
-        return False
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(state, dict) or state.get("global_step") != step:
-        return False
-    names = {p.name for p in path.iterdir()}
-    return (
-        any(n.endswith(".safetensors") for n in names)
-        and {"optimizer.pt", "scheduler.pt"} <= names
-        and any(n.startswith("rng_state") for n in names)
-    )
-
-
 def checkpoint_loss_sum(path: Path) -> float:
     """The summed training losses up to the checkpoint ``path`` (see :data:`LOSS_SUM`); 0.0 for a
     checkpoint written by a qtune that did not record it."""
@@ -400,20 +371,6 @@ def checkpoint_loss_sum(path: Path) -> float:
         return float(state["stateful_callbacks"]["QtuneBridge"]["attributes"][LOSS_SUM])
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0
-
-
-def list_checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
-    """(step, path, complete) for every checkpoint-N folder, by step."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted((step, path, checkpoint_is_complete(path)) for step, path in found)
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    complete = [path for _, path, ok in list_checkpoints(folder) if ok]
-    return complete[-1] if complete else None
 
 
 # --------------------------------------------------------------------------- training

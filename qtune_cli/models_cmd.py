@@ -55,7 +55,7 @@ def models(as_json: bool, family: str | None, gpus_of: float | None) -> None:
     4-bit memory is an estimate of the GPU memory a QLoRA run needs at the seed's settings
     (LoRA r16, 2 x 2048-token micro-batches, Unsloth's gradient checkpointing). With --gpus-of,
     the GPUs of that size it needs: one when it fits, else the fewest that hold it sharded with FSDP
-    (qtune.distributed.sharded_memory_gib; more GPUs than that can still train it faster with ddp
+    (qtune.profiles.sharded_memory_gib; more GPUs than that can still train it faster with ddp
     when it fits one).
     """
     rows = _rows(family, gpus_of)

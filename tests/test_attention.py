@@ -270,12 +270,12 @@ def test_the_fast_profile_says_why_varlen_was_not_chosen(tiny_qwen_dir):
 
     from rich.console import Console
 
-    from qtune.pipeline import _apply_profile
     from qtune.plugins.transformers_backend import TransformersBackend
+    from qtune.profiles import resolve_profile
 
     config = fast_config(name=str(tiny_qwen_dir))
     console = Console(file=io.StringIO(), width=300)
-    applied = _apply_profile(config, TransformersBackend(), console)
+    applied = resolve_profile(config, TransformersBackend(), console)
     printed = console.file.getvalue()
     assert applied.model.attention == "default"
     assert "model.attention: 'auto' -> 'default'" in printed

@@ -119,7 +119,7 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_kill_9_of_one_rank_stops_all_in_one_line_and_resumes_on_one_process(two_ranks, tmp_path, tiny_qwen_dir):
-    from qtune.training import checkpoint_is_complete
+    from qtune.run import checkpoint_is_complete
 
     straight, _, _ = two_ranks
     config = config_for(tmp_path, tiny_qwen_dir, "killed", 2, save_steps=2)

@@ -191,7 +191,7 @@ def test_disk_full_while_writing_a_checkpoint_then_resume(tmp_path, tmpfs, tiny_
     """Each checkpoint of the tiny Qwen2 holds its 18.7 MB tokenizer.json: on a 30 MiB disk the
     first fits and the second cannot."""
     from helpers import ALPACA_ROWS, tiny_run_config, write_jsonl
-    from qtune.training import checkpoint_is_complete, list_checkpoints
+    from qtune.run import checkpoint_is_complete, list_checkpoints
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 2)
     subprocess.run(["mount", "-o", "remount,size=30m", str(tmpfs)], check=True)
@@ -265,7 +265,7 @@ def test_two_runs_of_one_name_at_once_one_refuses(tmp_path, tiny_qwen_dir):
     """While `qtune run` trains, a second run of the same name is refused in one line, and so is a
     --resume of the running run (its lock), before it touches anything."""
     from helpers import ALPACA_ROWS, tiny_run_config, write_jsonl
-    from qtune.training import last_complete_checkpoint
+    from qtune.run import last_complete_checkpoint
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4)
     config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"max_steps": 500, "save_steps": 1, "save_total_limit": 1})

@@ -139,7 +139,7 @@ def fake_checkpoint(folder: Path, step: int, *, state: str | None = None, skip: 
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
-    from qtune.training import checkpoint_is_complete, last_complete_checkpoint
+    from qtune.run import checkpoint_is_complete, last_complete_checkpoint
 
     folder = tmp_path / "checkpoints"
     good = fake_checkpoint(folder, 2)
@@ -155,7 +155,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 
 def test_resume_keeps_each_step_once_in_metrics(tmp_path):
     from qtune.pipeline import _prepare_resume
-    from qtune.training import list_checkpoints
+    from qtune.run import list_checkpoints
 
     run_dir = tmp_path / "run"
     checkpoint = fake_checkpoint(run_dir / "checkpoints", 4)
@@ -173,7 +173,7 @@ def test_resume_keeps_each_step_once_in_metrics(tmp_path):
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen_dir):
     from safetensors.torch import load_file
 
-    from qtune.training import checkpoint_is_complete, list_checkpoints
+    from qtune.run import checkpoint_is_complete, list_checkpoints
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4)  # 16 rows: 8 steps of 2
     configs = {}
@@ -257,7 +257,7 @@ def poisoned_model_dir(tmp_path_factory, qwen_tokenizer_dir):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, poisoned_model_dir):
     from safetensors.torch import load_file
 
-    from qtune.training import list_checkpoints
+    from qtune.run import list_checkpoints
 
     rows = [dict(r) for r in ALPACA_ROWS * 2]
     rows[5] = {"instruction": "Repeat the marker.", "input": "<|box_end|>", "output": "<|box_end|>"}

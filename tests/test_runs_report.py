@@ -83,7 +83,7 @@ def _logged_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_runs_tells_running_killed_and_resumable_runs_apart(tmp_path, tiny_qwen_dir):
-    from qtune.training import checkpoint_is_complete
+    from qtune.run import checkpoint_is_complete
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4)
     root = tmp_path / "runs"
