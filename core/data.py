@@ -50,12 +50,12 @@ def read_rows(config: Config, template: PromptTemplate):
         rows = rows[spec.split]
     if len(rows) == 0:
         raise QtuneError(f"dataset {spec.path or spec.loader!r} has no rows; point dataset.path at data with examples")
+    _check_utf8(rows, spec)  # before anything reads a row: pyarrow keeps invalid bytes until then
     fmt = data_format(rows, spec)
     if fmt == "alpaca":
         rows = rename_fields(rows, template, spec.fields)
     else:
         rows = conversation_rows(rows, template, fmt, spec)
-    _check_utf8(rows, spec)
     return rows.add_column(ROW_COLUMN, list(range(len(rows))))
 
 
