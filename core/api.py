@@ -25,7 +25,7 @@ from .merge import DEFAULT_SHARD_SIZE, load_merged, prepare_tokenizer, save_merg
 from .models import cache_dir
 from .profiles import FUSED_KERNELS, PLAIN_KERNELS, MemoryTraits, ModelShape, seed_memory_gib
 from .quantization import DTYPES, disable_bnb_cpu_repacking, nf4_config, torch_dtype, training_quantization
-from .run import ADAPTER_DIR, CHECKPOINTS_DIR, RUNNING_FILE, FinishedRun, RunContext, last_complete_checkpoint
+from .run import ADAPTER_DIR, CHECKPOINTS_DIR, RUNNING_FILE, FinishedRun, RunContext, last_complete_checkpoint, read_metrics
 from .types import Backend, ChatTemplate, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
 from .verify import (
     PromptResult,
@@ -45,7 +45,7 @@ __all__ = [
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_if_present",
     "cuda_total_memory_gib", "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line",
     "free_memory", "hookimpl", "last_complete_checkpoint", "load_merged", "missing_modules", "model_varlen_reason", "nf4_config",
-    "peak_rss_gib", "prepare_tokenizer", "read_json_dict", "reference_dtype", "register_transformers_varlen", "save_merged",
+    "peak_rss_gib", "prepare_tokenizer", "read_json_dict", "read_metrics", "reference_dtype", "register_transformers_varlen", "save_merged",
     "seed_memory_gib", "tokenize_chat_example", "torch_dtype", "training_quantization", "varlen_attention", "verify_hf_model",
     "verify_with", "weights_bytes",
 ]

@@ -36,6 +36,7 @@ from .run import (
     last_complete_checkpoint,
     list_checkpoints,
     new_run_dir,
+    read_metrics,
 )
 from .training import call_callbacks, is_out_of_memory, out_of_memory_error
 from .types import Backend, TrainingCallback
@@ -273,21 +274,8 @@ def mark_running(run_dir: Path) -> None:
 
 def _nothing_trained(run_dir: Path) -> bool:
     """No optimizer step logged, no checkpoint, no adapter: a run that failed before training."""
-    logged = any("step" in record for record in _metric_records(run_dir / "metrics.jsonl"))
+    logged = any("step" in record for record in read_metrics(run_dir))
     return not logged and not list_checkpoints(run_dir / CHECKPOINTS_DIR) and not (run_dir / ADAPTER_DIR).exists()
-
-
-def _metric_records(path: Path) -> list[dict]:
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
 
 
 def _train_and_save(ctx, backend, template, report, callbacks, model, tokenizer, checkpoint):

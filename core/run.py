@@ -198,3 +198,18 @@ def new_run_dir(config: Config) -> Path:
     except OSError as exc:
         raise QtuneError(f"cannot write to training.output_dir {str(root)!r}: {exc.strerror}; choose a writable folder") from None
     return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl; a line cut short by a kill is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records

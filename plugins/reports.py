@@ -32,6 +32,7 @@ from qtune.api import (
     hookimpl,
     last_complete_checkpoint,
     read_json_dict,
+    read_metrics,
 )
 
 #: metrics.jsonl key -> chart title, in the report's order
@@ -56,21 +57,6 @@ COLUMNS = [
 
 
 # --------------------------------------------------------------------------- reading a run
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl; a line cut short by a kill is skipped."""
-    path = run_dir / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
 
 
 def process_alive(pid: int) -> bool:
