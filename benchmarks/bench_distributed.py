@@ -199,16 +199,14 @@ def tokens_per_second(steps: list[dict], warmup: int) -> float | None:
 
 
 def estimates(model_fields: dict, layers: int) -> dict:
-    from qtune.profiles import ModelShape, estimate_memory_gib
+    from qtune.profiles import PLAIN_KERNELS, ModelShape, estimate_memory_gib, sharded_memory_gib
 
     shape = ModelShape(model_fields["vocab_size"], model_fields["hidden_size"], layers, model_fields["intermediate_size"],
                        model_fields["num_attention_heads"], model_fields["num_key_value_heads"])
-    from qtune.profiles import sharded_memory_gib
-
     tokens = 2 * 2048
     return {
         "params_b": round(shape.params / 1e9, 1),
-        "replica_gib": estimate_memory_gib(shape, tokens, True, backend="transformers"),
+        "replica_gib": estimate_memory_gib(shape, tokens, True, kernels=PLAIN_KERNELS),
         "shard_gib": {n: sharded_memory_gib(shape, tokens, n) for n in (2, 4, 8)},
     }
 

@@ -406,6 +406,7 @@ def accumulation_for(config: Config, run_dir: Path, processes: int) -> int:
     return total // processes
 
 
+@dataclass(frozen=True)
 class Launch:
     """What ``qtune run --gpus N`` / ``--cpu-processes N`` asked for."""
 
@@ -463,21 +464,23 @@ def launch(worker_args: list[str], launch_request: Launch, run_dir: Path) -> Non
 
 def failure_line(failures: dict[int, Any], run_dir: Path, launch_request: Launch) -> str:
     """One line for the failed ranks: the one that failed first with a message of its own (qtune's
-    one-line error, written to its error file), else the first killed by a signal."""
+    one-line error, written to its error file), else the first killed by a signal. SIGTERM comes last:
+    it is how torch elastic stops the peers of a failed rank, and its failure timestamps are whole
+    seconds, so a peer stopped in the same second as the victim would otherwise tie with it."""
+    import signal
 
     def key(item):
         rank, failure = item
         message = failure.message
         own = isinstance(message, dict) and message.get("extraInfo", {}).get("qtune")
-        return (0 if own else 1 if failure.exitcode < 0 else 2, failure.timestamp, rank)
+        stopped_by_elastic = failure.exitcode == -signal.SIGTERM
+        return (0 if own else 3 if stopped_by_elastic else 1 if failure.exitcode < 0 else 2, failure.timestamp, rank)
 
     rank, failure = min(failures.items(), key=key)
     message = failure.message
     if isinstance(message, dict):
         cause = message.get("message", "failed")
     elif failure.exitcode < 0:
-        import signal
-
         try:
             name = signal.Signals(-failure.exitcode).name
         except ValueError:

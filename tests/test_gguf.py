@@ -35,7 +35,9 @@ def test_smollm2_q4_k_m_verifies_and_generates(smol_run):
     # SmolLM2's 576-wide rows do not fit K-quant blocks of 256: llama.cpp says which tensors fell back
     assert result.details["fallback_tensors"]["fallback"] == 180 and result.details["fallback_tensors"]["tensors"] == 272
     assert any(note.startswith("180 of 272 tensors could not use q4_k_m") for note in result.details["notes"])
-    assert report["top1_agreement"] >= 0.75 and report["top5_agreement"] >= 0.99  # 0.82 / 1.00 measured; the random tiny model: 0.61
+    # 0.853 / 0.985 measured on 68 tokens (one token out of the top 5); the random tiny model: 0.61.
+    # (0.82 / 1.00 when chatml still put Qwen's default system prompt before every SmolLM2 prompt.)
+    assert report["top1_agreement"] >= 0.75 and report["top5_agreement"] >= 0.95
     gguf = result.path / "smol.Q4_K_M.gguf"
     metadata = gguf_metadata(gguf)
     eos = int(metadata["tokenizer.ggml.eos_token_id"])
