@@ -18,7 +18,7 @@ from .attention import model_varlen_reason, register_transformers_varlen, varlen
 from .backends import cuda_device_count, cuda_total_memory_gib, missing_modules
 from .data import tokenize_chat_example
 from .errors import ConfigError, QtuneError, describe, first_line
-from .fsutil import atomic_dir, atomic_file, check_free_space, read_json_dict
+from .fsutil import atomic_dir, atomic_file, check_free_space, missing_path_reason, read_json_dict
 from .hookspecs import hookimpl
 from .memory import GIB, cuda_if_present, current_memory_gib, peak_rss_gib
 from .merge import DEFAULT_SHARD_SIZE, load_merged, prepare_tokenizer, save_merged, weights_bytes
@@ -44,7 +44,7 @@ __all__ = [
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_if_present",
     "cuda_total_memory_gib", "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line",
-    "free_memory", "hookimpl", "last_complete_checkpoint", "load_merged", "missing_modules", "model_varlen_reason", "nf4_config",
+    "free_memory", "hookimpl", "last_complete_checkpoint", "load_merged", "missing_modules", "missing_path_reason", "model_varlen_reason", "nf4_config",
     "peak_rss_gib", "prepare_tokenizer", "read_json_dict", "read_metrics", "reference_dtype", "register_transformers_varlen", "save_merged",
     "seed_memory_gib", "tokenize_chat_example", "torch_dtype", "training_quantization", "varlen_attention", "verify_hf_model",
     "verify_with", "weights_bytes",

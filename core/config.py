@@ -66,8 +66,13 @@ class DatasetConfig(Section):
     #: use only the first N rows (after shuffling when shuffle is on)
     limit: Optional[int] = Field(None, gt=0)
     shuffle: bool = False
-    #: rows held out from training (taken from the end): the validation loss and exact match use them
+    #: rows held out from training (taken from the end): the validation loss and exact match use them;
+    #: with eval_path or eval_split, at most this many of those rows (0: all)
     eval_size: int = Field(0, ge=0)
+    #: held-out rows from their own file or hub id, read like path (same loader, format and fields)
+    eval_path: Optional[str] = None
+    #: the split the held-out rows come from (e.g. test or validation), of eval_path or else of path
+    eval_split: Optional[str] = None
     #: let numbers and booleans stand where the template expects text (rendered with str());
     #: off: such values are refused, since a number in a text field is usually a column mix-up
     numbers_as_text: bool = False
@@ -190,10 +195,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
-        if self.evaluation.exact_match and self.dataset.eval_size == 0:
-            raise ValueError("evaluation.exact_match needs held-out rows: set dataset.eval_size")
-        if self.training.eval_steps and self.dataset.eval_size == 0:
-            raise ValueError("training.eval_steps needs held-out rows for the validation loss: set dataset.eval_size")
+        held_out = self.dataset.eval_size or self.dataset.eval_path or self.dataset.eval_split
+        if self.evaluation.exact_match and not held_out:
+            raise ValueError("evaluation.exact_match needs held-out rows: set dataset.eval_size or dataset.eval_path")
+        if self.training.eval_steps and not held_out:
+            raise ValueError("training.eval_steps needs held-out rows for the validation loss: set dataset.eval_size or dataset.eval_path")
         if self.training.early_stopping_patience and not self.training.eval_steps:
             raise ValueError("training.early_stopping_patience needs a validation loss during training: set training.eval_steps")
         return self

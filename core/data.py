@@ -123,14 +123,28 @@ def _check_utf8(rows, spec) -> None:
             ) from None
 
 
-def split_rows(rows, config: Config):
+def eval_source(config: Config) -> Optional[Config]:
+    """The config that reads the held-out rows when they have a file or split of their own
+    (dataset.eval_path, dataset.eval_split), else None: they are then taken from the training data."""
+    spec = config.dataset
+    if not (spec.eval_path or spec.eval_split):
+        return None
+    own = {"path": spec.eval_path or spec.path, "split": spec.eval_split or spec.split, "limit": None, "shuffle": False,
+           "eval_size": 0, "eval_path": None, "eval_split": None}
+    return config.model_copy(update={"dataset": spec.model_copy(update=own)})
+
+
+def split_rows(rows, config: Config, eval_rows=None):
     """Shuffle (dataset.shuffle), hold out dataset.eval_size rows from the end, keep dataset.limit.
-    Returns (train, held_out)."""
+    With ``eval_rows`` (read from :func:`eval_source`), those are held out instead: the first
+    dataset.eval_size of them, or all. Returns (train, held_out)."""
     spec = config.dataset
     if spec.shuffle:
         rows = rows.shuffle(seed=config.training.seed)
     held_out = None
-    if spec.eval_size:
+    if eval_rows is not None:
+        held_out = eval_rows.select(range(min(spec.eval_size, len(eval_rows)))) if spec.eval_size else eval_rows
+    elif spec.eval_size:
         if spec.eval_size >= len(rows):
             raise QtuneError(
                 f"dataset.eval_size {spec.eval_size} leaves no training rows (the dataset has {len(rows)}); lower dataset.eval_size"
@@ -144,7 +158,8 @@ def split_rows(rows, config: Config):
 
 def load_rows(config: Config, template: PromptTemplate):
     """The dataset's rows, renamed to the template's field names and checked. Returns (train, held_out)."""
-    return split_rows(read_rows(config, template), config)
+    source = eval_source(config)
+    return split_rows(read_rows(config, template), config, read_rows(source, template) if source else None)
 
 
 def rename_fields(rows, template: PromptTemplate, mapping: dict[str, str]):
@@ -331,7 +346,7 @@ def trainable(encoded):
 
 def tokenize_rows(rows, template: PromptTemplate, tokenizer, config: Config, held_out: bool = False):
     """A ``datasets.Dataset`` with input_ids and labels, ready for trl's SFTTrainer, and its stats.
-    ``held_out``: the rows are dataset.eval_size's, for the validation loss (the errors say so)."""
+    ``held_out``: the rows are held out for the validation loss (the errors say so)."""
     encoded = encode_rows(rows, template, tokenizer, config)
     errors = [(row, error) for row, error in zip(encoded["row"], encoded["error"], strict=True) if error]
     if errors:
@@ -344,7 +359,7 @@ def tokenize_rows(rows, template: PromptTemplate, tokenizer, config: Config, hel
         raise QtuneError(f"dataset row {row}: the conversation {problem}; fix or remove the row")
     dataset = trainable(encoded)
     if len(dataset) == 0:
-        which = "held-out row (dataset.eval_size), so there is no validation loss," if held_out else "training example"
+        which = "held-out row (dataset.eval_size / eval_path), so there is no validation loss," if held_out else "training example"
         raise QtuneError(
             f"every {which} has all labels masked (-100); raise model.max_seq_length or turn off "
             "training.train_on_responses_only"

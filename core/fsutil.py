@@ -202,3 +202,18 @@ def read_json_dict(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def missing_path_reason(path: Path) -> str:
+    """Why ``path`` (which does not exist) cannot be read, for an error message: a symbolic link that
+    loops or points nowhere is said to be one, rather than "not found"."""
+    if not path.is_symlink():
+        return "not found"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 raises RuntimeError for a loop
+        return "is a symbolic link that loops"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link that loops"
+    return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"

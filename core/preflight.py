@@ -141,8 +141,11 @@ def check_hub(report: Report) -> bool:
         hub_data = config.dataset.path and pick_loader(config).name == "hub"
     except QtuneError:
         hub_data = False
-    if hub_data:
+    if hub_data and not Path(config.dataset.path).expanduser().exists():  # a local path: the hub loader refuses it
         wanted.append((config.dataset.path, "dataset", "dataset.path"))
+    eval_path = config.dataset.eval_path
+    if eval_path and eval_path != config.dataset.path and not Path(eval_path).expanduser().exists() and not _looks_local(eval_path):
+        wanted.append((eval_path, "dataset", "dataset.eval_path"))
     problem = check_reachable(wanted)
     if problem:
         report.add(ERROR, "", problem)
@@ -391,23 +394,45 @@ def _meta_skeleton(model_config: Any, trust_remote_code: bool) -> Any:
 
 
 def check_data(report: Report) -> None:
-    """Load the rows (no tokenizer): the fields the template needs, present and non-empty."""
-    from .data import ROW_COLUMN, read_rows, split_rows
+    """Load the rows (no tokenizer): the fields the template needs, present and non-empty; the same
+    for held-out rows that have a file or split of their own (dataset.eval_path / eval_split)."""
+    from .data import eval_source, split_rows
 
-    config, template = report.config, report.template
+    rows = _read_checked(report, report.config, "dataset", "dataset.path")
+    if rows is None:
+        return
+    eval_rows, eval_config = None, eval_source(report.config)
+    if eval_config is not None:
+        eval_rows = _read_checked(report, eval_config, "eval dataset", "dataset.eval_path")
+        if eval_rows is None:
+            return
+    try:
+        report.train_rows, report.held_out = split_rows(rows, report.config, eval_rows)
+    except QtuneError as exc:
+        report.add(ERROR, "", str(exc))
+
+
+def _read_checked(report: Report, config: Config, where: str, path_key: str):
+    """The rows ``config.dataset`` names, or None after a finding: ``where`` names them in findings
+    ("dataset", "eval dataset"), ``path_key`` is the setting that points at them."""
+    from .data import ROW_COLUMN, read_rows
+
+    template = report.template
     spec = config.dataset
     if spec.path and (spec.loader == "files" or (spec.loader == "auto" and _looks_local(spec.path))):
+        from .fsutil import missing_path_reason
+
         path = Path(spec.path).expanduser()
         if not path.exists():
-            report.add(ERROR, "dataset.path", f"{spec.path!r} not found", "fix the path")
-            return
-        if path.is_file() and not _check_file_start(report, path):
-            return
+            report.add(ERROR, path_key, f"{spec.path!r} {missing_path_reason(path)}", "fix the path")
+            return None
+        if path.is_file() and not _check_file_start(report, path, path_key):
+            return None
     try:
         rows = read_rows(config, template)
     except QtuneError as exc:
         report.add(ERROR, "", str(exc))
-        return
+        return None
     indices = rows[ROW_COLUMN]
     columns = {f: spec.fields.get(f, f) for f in template.fields}
     columns.update({f: spec.fields.get(f, f) for f in template.optional_fields})
@@ -425,30 +450,27 @@ def check_data(report: Report) -> None:
                 numbers.append(index)
         column = f" (column {columns[name]!r})" if columns[name] != name else ""
         if numbers and not spec.numbers_as_text:
-            report.add(ERROR, f"dataset field {name!r}{column}", f"holds numbers or booleans, not text ({rows_text(numbers)})",
+            report.add(ERROR, f"{where} field {name!r}{column}", f"holds numbers or booleans, not text ({rows_text(numbers)})",
                        "quote them in the data, or set dataset.numbers_as_text: true to let the template convert them")
         if optional:
             if wrong:
-                report.add(ERROR, f"dataset field {name!r}{column}",
+                report.add(ERROR, f"{where} field {name!r}{column}",
                            f"holds lists or mappings, not text ({rows_text(wrong)}); the prompt would show their Python form",
                            "make those values text or map the field to a text column with dataset.fields")
             continue
         for index in empty[:FINDINGS_PER_KIND]:
-            report.add(ERROR, f"dataset row {index}, field {name!r}{column}", "is empty", "fill it in or remove the row")
+            report.add(ERROR, f"{where} row {index}, field {name!r}{column}", "is empty", "fill it in or remove the row")
         if len(empty) > FINDINGS_PER_KIND:
-            report.add(ERROR, f"dataset, field {name!r}{column}", f"{len(empty) - FINDINGS_PER_KIND} more rows are empty",
+            report.add(ERROR, f"{where}, field {name!r}{column}", f"{len(empty) - FINDINGS_PER_KIND} more rows are empty",
                        "fill them in or remove them")
         if wrong:
-            report.add(ERROR, f"dataset field {name!r}{column}", f"holds lists or mappings, not text ({rows_text(wrong)})",
+            report.add(ERROR, f"{where} field {name!r}{column}", f"holds lists or mappings, not text ({rows_text(wrong)})",
                        "map the field to a text column with dataset.fields")
-    _check_conversations(report, rows)
-    try:
-        report.train_rows, report.held_out = split_rows(rows, config)
-    except QtuneError as exc:
-        report.add(ERROR, "", str(exc))
+    _check_conversations(report, rows, where)
+    return rows
 
 
-def _check_conversations(report: Report, rows) -> None:
+def _check_conversations(report: Report, rows, where: str = "dataset") -> None:
     """Conversation rows: what reading them found (no messages, an unknown role or speaker, empty or
     non-text content, roles out of order, no assistant turn), one finding per row up to a limit,
     and what the template does with system messages and tools."""
@@ -463,12 +485,12 @@ def _check_conversations(report: Report, rows) -> None:
     for row, problem in bad[:FINDINGS_PER_KIND]:
         fix = ("convert the row to text-only messages or remove it" if "only text" in problem
                else "fix the row or remove it")
-        report.add(ERROR, f"dataset row {row}", f"the conversation {problem}", fix)
+        report.add(ERROR, f"{where} row {row}", f"the conversation {problem}", fix)
     if len(bad) > FINDINGS_PER_KIND:
-        report.add(ERROR, "dataset", f"{len(bad) - FINDINGS_PER_KIND} more conversations have problems", "fix or remove them")
+        report.add(ERROR, where, f"{len(bad) - FINDINGS_PER_KIND} more conversations have problems", "fix or remove them")
     with_tools = [row for row, tools in zip(columns[ROW_COLUMN], columns[TOOLS], strict=True) if tools]
     if with_tools and not template.supports_tools:
-        report.add(WARNING, f"dataset {rows_text(with_tools)}", f"carry tools, and template {template.name!r} does not render tools",
+        report.add(WARNING, f"{where} {rows_text(with_tools)}", f"carry tools, and template {template.name!r} does not render tools",
                    "choose a template that does (chat, qwen2.5, llama-3.1, mistral-v0.3, mistral-nemo) or drop the tools column")
     firsts = [turns[0]["role"] if turns else "" for turns in rows[MESSAGES]]
     with_system = [row for row, role in zip(columns[ROW_COLUMN], firsts, strict=True) if role == "system"]
@@ -480,7 +502,7 @@ def _check_conversations(report: Report, rows) -> None:
                    f"{without} conversations without one", "give them a system message, or use chatml for a model that is not Qwen")
 
 
-def _check_file_start(report: Report, path: Path) -> bool:
+def _check_file_start(report: Report, path: Path, path_key: str = "dataset.path") -> bool:
     """What a parser would only say obscurely: a file of blank lines, a JSON file that is not a
     list or an object. Reads the first 64 KiB."""
     with open(path, "rb") as handle:
@@ -488,14 +510,14 @@ def _check_file_start(report: Report, path: Path) -> bool:
     start = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     suffix = path.suffix.lower()
     if head and not start and path.stat().st_size <= len(head):
-        report.add(ERROR, "dataset.path", f"{str(path)!r} holds only blank lines, no rows", "add rows or fix dataset.path")
+        report.add(ERROR, path_key, f"{str(path)!r} holds only blank lines, no rows", f"add rows or fix {path_key}")
         return False
     if suffix == ".json" and start and start not in (b"[", b"{"):
-        report.add(ERROR, "dataset.path", f"{str(path)!r} is not a JSON list of rows (it starts with {start.decode('latin-1')!r})",
+        report.add(ERROR, path_key, f"{str(path)!r} is not a JSON list of rows (it starts with {start.decode('latin-1')!r})",
                    "write a list of objects, [{\"instruction\": ..., \"output\": ...}, ...]")
         return False
     if suffix == ".jsonl" and start and start != b"{":
-        report.add(ERROR, "dataset.path", f"{str(path)!r} is not JSON Lines of rows (it starts with {start.decode('latin-1')!r})",
+        report.add(ERROR, path_key, f"{str(path)!r} is not JSON Lines of rows (it starts with {start.decode('latin-1')!r})",
                    "write one JSON object per line")
         return False
     return True

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from qtune.api import DatasetLoader, QtuneError, first_line, hookimpl
+from qtune.api import DatasetLoader, QtuneError, first_line, hookimpl, missing_path_reason
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -21,6 +21,9 @@ class HubLoader(DatasetLoader):
 
         if not spec.path:
             raise QtuneError("dataset.path is empty; set it to a hub id such as yahma/alpaca-cleaned")
+        if Path(spec.path).expanduser().exists():
+            raise QtuneError(f"dataset.path {spec.path!r} is a local file or folder, but dataset.loader {self.name!r} reads the hub; "
+                             f"set dataset.loader to files (or auto)")
         try:
             return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
         except (FileNotFoundError, ConnectionError, OSError) as exc:
@@ -50,7 +53,7 @@ class LocalFilesLoader(DatasetLoader):
 
         path = Path(spec.path or "").expanduser()
         if not path.exists():
-            raise QtuneError(f"dataset file {str(path)!r} not found; fix dataset.path")
+            raise QtuneError(f"dataset file {str(path)!r} {missing_path_reason(path)}; fix dataset.path")
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) if path.is_dir() else [path]
         if not files:
             raise QtuneError(f"dataset folder {str(path)!r} holds no .json, .jsonl, .csv or .parquet files")
@@ -62,6 +65,8 @@ class LocalFilesLoader(DatasetLoader):
         for file in files:
             if file.stat().st_size == 0:
                 raise QtuneError(f"dataset file {str(file)!r} is empty; add rows or fix dataset.path")
+        # datasets logs a parse failure on its own logger before raising it: the one line below says it
+        datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 1)
         try:
             return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         except UnicodeDecodeError:

@@ -152,6 +152,26 @@ case("dataset-not-utf8", "not UTF-8")(with_data("data.jsonl", b'{"instruction": 
 case("dataset-wrong-columns", "lacks column 'instruction'")(
     with_data("data.jsonl", json.dumps({"prompt": "Say hi.", "completion": "Hi."}) + "\n"))
 case("dataset-unknown-format", "one format")(with_data("data.txt", "instruction: hi\n"))
+# the first row parses, the second does not: pyarrow's error, without datasets' own log line before it
+case("dataset-jsonl-broken-second-row", "could not read dataset", "data.jsonl")(
+    with_data("data.jsonl", json.dumps(ALPACA_ROWS[0]) + "\n" + '{"instruction": "x", "output": 3\n'))
+case("dataset-local-file-with-hub-loader", "is a local file or folder", "dataset.loader to files")(
+    lambda tmp, model: (["run", config_with(tmp, model, dataset={"loader": "hub"})], {}))
+
+case("eval-path-missing", "dataset.eval_path", "not found")(run_with(dataset={"eval_path": "data/held-out.jsonl"}))
+
+
+@case("eval-file-row-without-output", "eval dataset row 1, field 'output'", "is empty")
+def _(tmp, model):
+    held_out = write_jsonl(tmp / "held-out.jsonl", [ALPACA_ROWS[0], {**ALPACA_ROWS[1], "output": ""}])
+    return ["run", config_with(tmp, model, dataset={"eval_path": str(held_out)})], {}
+
+
+@case("dataset-symlink-loop", "dataset.path", "symbolic link that loops")
+def _(tmp, model):
+    (tmp / "loop-a.jsonl").symlink_to(tmp / "loop-b.jsonl")
+    (tmp / "loop-b.jsonl").symlink_to(tmp / "loop-a.jsonl")
+    return ["run", config_with(tmp, model, dataset={"path": str(tmp / "loop-a.jsonl")})], {}
 case("dataset-field-mapping-unknown", "dataset.fields.question", "has no field 'question'")(
     run_with(dataset={"fields": {"question": "q"}}))
 
@@ -254,7 +274,13 @@ def _(tmp, model):
 
 # --------------------------------------------------------------------------- the model folder
 
-case("model-path-missing", "model.name", "does not exist")(run_with(model={"name": "./models/nope"}))
+case("model-path-missing", "model.name", "not found")(run_with(model={"name": "./models/nope"}))
+
+
+@case("model-name-is-a-gguf-file", "model.name", "is a GGUF file", "give its folder")
+def _(tmp, model):
+    (tmp / "model.Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(60))
+    return ["run", config_with(tmp, model, model={"name": str(tmp / "model.Q4_K_M.gguf")})], {}
 
 
 @case("model-pickle-only", "pickled weights (pytorch_model.bin)", "safetensors only", "use_safetensors=False")

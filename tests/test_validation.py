@@ -39,16 +39,22 @@ class Recorder(TrainingCallback):
         self.events.append(("result", metrics["step"], metrics["eval_loss"]))
 
 
-def train(tmp_path, model_dir, **training):
+def train(tmp_path, model_dir, eval_file=False, **training):
+    """4 steps on the training rows with the HELD_OUT rows held out: the last rows of the data
+    (dataset.eval_size), or with ``eval_file`` a file of their own (dataset.eval_path)."""
     from rich.console import Console
 
     from qtune.config import load_config
     from qtune.pipeline import run
 
-    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4 + HELD_OUT)
+    if eval_file:
+        data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4)
+        dataset = {"path": str(data), "eval_path": str(write_jsonl(tmp_path / "held-out.jsonl", HELD_OUT))}
+    else:
+        data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS * 4 + HELD_OUT)
+        dataset = {"path": str(data), "eval_size": len(HELD_OUT)}
     settings = {"max_steps": 4, "eval_steps": 2, "per_device_eval_batch_size": 8, "train_on_responses_only": True, **training}
-    config = load_config(tiny_run_config(tmp_path, model_dir, data, dataset={"path": str(data), "eval_size": len(HELD_OUT)},
-                                         training=settings))
+    config = load_config(tiny_run_config(tmp_path, model_dir, data, dataset=dataset, training=settings))
     recorder = Recorder()
     output = io.StringIO()
     ctx = run(config, Console(file=output, width=200), extra_callbacks=[recorder])
@@ -103,6 +109,17 @@ def test_validation_loss_equals_a_direct_computation(tmp_path, tiny_qwen_dir, pa
     for m in evals:
         expected += [("start", "validation loss", batches), ("step", 1, batches), ("result", m["step"], m["eval_loss"])]
     assert events == expected
+
+
+def test_held_out_rows_from_their_own_file_give_the_same_validation_loss(tmp_path, tiny_qwen_dir):
+    """dataset.eval_path: the same held-out rows in a file of their own, the same training rows:
+    the same losses as with eval_size, and the row-by-row computation agrees."""
+    run_dir, _, output = train(tmp_path, tiny_qwen_dir, eval_file=True)
+    evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert abs(evals[-1]["eval_loss"] - direct_validation_loss(run_dir, tiny_qwen_dir)) <= 1e-5
+    assert "(4 rows" in output
+    assert json.loads((run_dir / "summary.json").read_text())["data"]["examples"] == len(ALPACA_ROWS) * 4
 
 
 def test_early_stopping_stops_when_the_validation_loss_stops_improving(tmp_path, tiny_qwen_dir):
