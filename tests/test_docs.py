@@ -104,3 +104,29 @@ def test_every_plugin_api_name_is_documented():
     undocumented = [name for name in api.__all__ if f"`{name}" not in text]
     assert not undocumented, f"docs/plugins.md's table lacks {undocumented}"
     assert sorted(api.__all__) == sorted(name for name in vars(api) if not name.startswith("_") and name != "annotations")
+
+
+def _cpu_figures():
+    import importlib.util
+
+    path = DOCS.parent / "benchmarks" / "cpu_figures.py"
+    spec = importlib.util.spec_from_file_location("cpu_figures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_figures_the_docs_quote_are_the_measured_ones():
+    """README.md's demo figures and docs/export.md's export table are the blocks benchmarks/cpu_figures.py
+    renders from its committed measurement: rerun it with --write rather than editing them."""
+    import json
+
+    figures_script = _cpu_figures()
+    rendered = figures_script.blocks(json.loads(figures_script.RESULTS.read_text()))
+    found = {}
+    for doc in figures_script.DOCS:
+        for name, body in figures_script.marked_blocks(doc.read_text(encoding="utf-8")).items():
+            assert body == rendered.get(name), f"{doc.name}: the figures:{name} block differs from benchmarks/results/cpu_figures.json"
+            found[name] = doc.name
+    assert set(found) == {"demo", "demo-output", "chat-demo", "exports", "gguf-verify"}, found
+
