@@ -5,8 +5,8 @@ merged-16bit  base + adapter merged, sharded safetensors for transformers / vLLM
 merged-4bit   merged, then bitsandbytes NF4 saved with transformers (quantization_config in config.json)
 
 Each is verified in transformers against the trained model (:func:`qtune.api.verify_hf_model`).
-Thresholds are per format and quantization (``BOUNDS`` below): lossless formats (f32, f16, the
-LoRA itself) must agree on top-1 at 99% or more; bf16 and the quantized formats get looser top-1
+Thresholds are per format and quantization (``BOUNDS`` below): lossless formats (the LoRA itself,
+merged fp32) must agree on top-1 at 99% or more (GGUF f32 / f16: 98%, qtune.plugins.gguf_export); bf16 and the quantized formats get looser top-1
 bounds and are held mainly to top-5. The reason is the test models: a random-weight model's logits
 are nearly flat (the best two of 150,000 tokens often differ by 0.01), so rounding well inside a
 format's error budget flips the arg max without changing what the model ranks as plausible; a real
