@@ -74,7 +74,7 @@ def export(run_dir: str, fmt: str, quant: str | None) -> dict:
             "export_s": record.get("seconds"), "verify_s": verify["seconds"], "bytes": record["bytes"],
             "top1": verify["top1_agreement"], "top5": verify["top5_agreement"], "max_abs_logit_diff": verify["max_abs_logit_diff"],
             "min_top1": verify["min_top1"], "min_top5": verify["min_top5"], "passed": verify["passed"], "tokens": verify["tokens"],
-            "output": result["output"]}
+            "output": result["output"], "commit": machine()["commit"]}
 
 
 def machine() -> dict:
@@ -167,6 +167,7 @@ def write_blocks(figures: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="demo,chat-demo,exports", help="what to measure, comma-separated")
+    parser.add_argument("--exports", default="", help="with --only exports: measure only these again (gguf/q5_k_m,lora)")
     parser.add_argument("--write", action="store_true", help="rewrite the marked blocks of README.md and docs/export.md")
     opts = parser.parse_args(argv)
     wanted = opts.only.split(",")
@@ -181,8 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = figures.get("demo", {}).get("run_dir")
         if not run_dir or not Path(run_dir).is_dir():
             sys.exit("exports need the demo's run: measure demo in the same call (--only demo,exports)")
-        figures["exports"], figures["exports_machine"] = [], machine()
+        again = [tuple(item.split("/")) if "/" in item else (item, None) for item in opts.exports.split(",") if item]
+        previous = figures.get("exports", []) if again else []
+        if not again:  # the caption's machine and commit: those of the last measurement of them all
+            figures["exports_machine"] = machine()
+        figures["exports"] = []
         for fmt, quant in EXPORTS:
+            kept = next((e for e in previous if e["format"] == fmt and (quant is None or e["quant"] == quant)), None)
+            if kept and (fmt, quant) not in again:
+                figures["exports"].append(kept)
+                continue
             print(f"--- export {fmt} {quant or ''}", flush=True)
             figures["exports"].append(export(run_dir, fmt, quant))
             RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
