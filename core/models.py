@@ -22,13 +22,13 @@ def resolve_model(name: str) -> str:
         return models.items[name].resolve()
     if name.lower() in models:
         return models.items[name.lower()].resolve()
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or Path(expanded).is_file():
-        from .errors import QtuneError
+    from .errors import QtuneError
 
-        if Path(expanded).is_file():
-            kind = "a GGUF file" if expanded.lower().endswith(".gguf") else "a file"
-            raise QtuneError(f"model.name {name!r} is {kind}; qtune trains a transformers model: give its folder "
-                             f"(config.json and safetensors), a hub id or a name from `qtune models`")
+    if Path(expanded).is_file():
+        kind = "a GGUF file" if expanded.lower().endswith(".gguf") else "a file"
+        raise QtuneError(f"model.name {name!r} is {kind}; qtune trains a transformers model: give its folder "
+                         f"(config.json and safetensors), a hub id or a name from `qtune models`")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         from .fsutil import missing_path_reason
 
         raise QtuneError(f"model path {name!r} {missing_path_reason(Path(expanded))}; give a local model directory, "

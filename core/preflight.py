@@ -125,7 +125,7 @@ def preflight(config: Config, *, load_tokenizer: bool = True, resuming: bool = F
 def check_hub(report: Report) -> bool:
     """The hub ids the config names (model, dataset) can be fetched or are cached; one attempt to
     reach the hub, a few seconds (:mod:`qtune.hub`). False, with one finding, when they cannot."""
-    from .data import pick_loader
+    from .data import eval_source, pick_loader
     from .hub import check_reachable
     from .models import resolve_model
 
@@ -137,15 +137,16 @@ def check_hub(report: Report) -> bool:
         model = None  # _check_model names the problem
     if model is not None and not Path(model).exists():
         wanted.append((model, "model", "model.name"))
-    try:
-        hub_data = config.dataset.path and pick_loader(config).name == "hub"
-    except QtuneError:
-        hub_data = False
-    if hub_data and not Path(config.dataset.path).expanduser().exists():  # a local path: the hub loader refuses it
-        wanted.append((config.dataset.path, "dataset", "dataset.path"))
-    eval_path = config.dataset.eval_path
-    if eval_path and eval_path != config.dataset.path and not Path(eval_path).expanduser().exists() and not _looks_local(eval_path):
-        wanted.append((eval_path, "dataset", "dataset.eval_path"))
+    # the training rows, and held-out rows with a file of their own: the same rule picks their loader
+    for source, setting in ((config, "dataset.path"), (eval_source(config), "dataset.eval_path")):
+        path = source.dataset.path if source is not None else None
+        try:
+            hub_data = bool(path) and pick_loader(source).name == "hub"
+        except QtuneError:
+            hub_data = False
+        # a local path given to the hub loader is refused by the loader itself, in one line
+        if hub_data and not Path(path).expanduser().exists() and all(path != id_ for id_, _, _ in wanted):
+            wanted.append((path, "dataset", setting))
     problem = check_reachable(wanted)
     if problem:
         report.add(ERROR, "", problem)

@@ -65,8 +65,6 @@ class LocalFilesLoader(DatasetLoader):
         for file in files:
             if file.stat().st_size == 0:
                 raise QtuneError(f"dataset file {str(file)!r} is empty; add rows or fix dataset.path")
-        # datasets logs a parse failure on its own logger before raising it: the one line below says it
-        datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 1)
         try:
             return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         except UnicodeDecodeError:

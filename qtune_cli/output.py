@@ -18,6 +18,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # datasets logs a file it cannot parse as an error before raising it; qtune's one line says it
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
 
@@ -31,6 +33,7 @@ def quiet_libraries() -> None:
         sys.modules["transformers"].logging.disable_progress_bar()
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
 
 
 def debug_enabled() -> bool:

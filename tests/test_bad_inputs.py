@@ -153,8 +153,8 @@ case("dataset-wrong-columns", "lacks column 'instruction'")(
     with_data("data.jsonl", json.dumps({"prompt": "Say hi.", "completion": "Hi."}) + "\n"))
 case("dataset-unknown-format", "one format")(with_data("data.txt", "instruction: hi\n"))
 # the first row parses, the second does not: pyarrow's error, without datasets' own log line before it
-case("dataset-jsonl-broken-second-row", "could not read dataset", "data.jsonl")(
-    with_data("data.jsonl", json.dumps(ALPACA_ROWS[0]) + "\n" + '{"instruction": "x", "output": 3\n'))
+case("dataset-jsonl-broken-second-row", "could not read dataset", "JSON parse error")(
+    with_data("data.jsonl", json.dumps(ALPACA_ROWS[0]) + "\nnot json\n"))
 case("dataset-local-file-with-hub-loader", "is a local file or folder", "dataset.loader to files")(
     lambda tmp, model: (["run", config_with(tmp, model, dataset={"loader": "hub"})], {}))
 
