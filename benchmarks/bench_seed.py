@@ -21,22 +21,11 @@ a group joined by + (a+b) start together and take turns, one optimizer step each
 that every step has the GPU and the host to itself while both meet the host's drifting speed a second
 apart. Compare (b) with (a) only that way: one at a time, the same setup moved by up to 25% in a call.
 
-Usage
-  CPU machine, from the project root, once (and the bundle again after changing qtune):
-      python benchmarks/bench_seed.py prepare      # .bench/: the Qwen2.5 tokenizer and the Alpaca rows
-      EXTRA="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-        typing-extensions==4.16.0" ../shared/device/make-bundle.sh   # .gpu-bundle/: packages + qtune
-  GPU call, carrying .bench and .gpu-bundle:
-      mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site &&
-      export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
-      python3 benchmarks/bench_seed.py run --setups c,a+b,b2+a2,a3+b3 --out $OUT
-  Options of run: --setups a,b,c,d (default)  --steps 14 (optimizer steps per setup, warm-up
-  included)  --warmup 4  --budget-s 480 (start no group after it)  --deadline-s 575 (stop what
-  still runs; a device command gets 600 s)  --out DIR (default $OUT)  --shape tiny (a CPU smoke run
-  of (b) without Unsloth or 4-bit, as tests/test_bench_seed_script.py does).
-
-It prints a table last and writes bench_seed.json and bench_logs.txt under --out. Numbers compare only
-inside one call (docs/benchmarks.md).
+Usage (docs/benchmarks.md has the whole recipe): `python benchmarks/bench_seed.py prepare` here, then
+with .bench and .gpu-bundle carried, `python3 benchmarks/bench_seed.py run --setups c,a+b,b2+a2 --out $OUT`
+on the GPU (--steps 14 per setup, warm-up included; --warmup 4 untimed; --budget-s 480: start no group
+after it; --deadline-s 575: stop what still runs; --shape tiny: a CPU smoke run of (b)). It prints a
+table last and writes bench_seed.json and bench_logs.txt under --out; numbers compare only inside one call.
 """
 
 from __future__ import annotations
