@@ -6,7 +6,7 @@
 
 ``smoke`` checks, on the GPU: torch's ``varlen_attn`` signature and whether it takes grouped heads;
 one layer of the Qwen2.5-7B shape (28 query heads, 4 KV heads, head dim 128, 16,328 packed tokens in
-71 examples) through :func:`qtune.attention.varlen_attention` against one SDPA call per example
+71 examples) through :func:`qtune.plugins.varlen.varlen_attention` against one SDPA call per example
 (outputs, gradients, time); then a random-weight model of the Qwen2.5-0.5B shape, for transformers
 (``sdpa`` with transformers' block-diagonal mask against ``qtune_varlen``) and for Unsloth (its
 dispatch as shipped against the same dispatch with qtune's patch): the loss of each of 20 LoRA steps
@@ -113,7 +113,7 @@ def kernel_check() -> dict:
     import torch.nn.functional as F
     from torch.nn.attention.varlen import varlen_attn
 
-    from qtune.attention import _gqa_is_native, varlen_attention
+    from qtune.plugins.varlen import _gqa_is_native, varlen_attention
 
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
@@ -294,7 +294,7 @@ def unsloth_paths():
 
 def transformers_paths(model):
     """(use sdpa, use qtune_varlen) for a peft model: they switch its config's attn_implementation."""
-    from qtune.attention import register_transformers_varlen
+    from qtune.plugins.varlen import register_transformers_varlen
 
     name = register_transformers_varlen()
     config = model.base_model.model.config
@@ -328,7 +328,7 @@ def worker_numerics_hf(args: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import qtune.attention as attention
+    import qtune.plugins.varlen as attention
 
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(args["model"])

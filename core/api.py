@@ -10,12 +10,10 @@ run folders); one-line errors (errors); files written so that a crash leaves not
 (fsutil); the machine (backends: packages and GPUs; memory); model shapes, the memory estimate and
 the backends' memory traits (profiles); the base model's 4-bit quantization and the merged model
 full-weight exporters start from (quantization, merge); checking an export against the trained model
-(verify); a conversation as a chat template trains it (data); variable-length attention for packed
-batches (attention).
+(verify); a conversation as a chat template trains it (data).
 """
 
-from .attention import model_varlen_reason, register_transformers_varlen, varlen_attention
-from .backends import cuda_device_count, cuda_total_memory_gib, missing_modules
+from .backends import cuda_capability, cuda_device_count, cuda_total_memory_gib, missing_modules
 from .data import tokenize_chat_example
 from .errors import ConfigError, QtuneError, describe, first_line
 from .fsutil import atomic_dir, atomic_file, check_free_space, missing_path_reason, read_json_dict
@@ -42,10 +40,10 @@ __all__ = [
     "ADAPTER_DIR", "CHECKPOINTS_DIR", "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "GIB", "PLAIN_KERNELS", "RUNNING_FILE",
     "Backend", "ChatTemplate", "ConfigError", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun", "MemoryTraits",
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
-    "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_device_count", "cuda_if_present",
+    "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_capability", "cuda_device_count", "cuda_if_present",
     "cuda_total_memory_gib", "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line",
-    "free_memory", "hookimpl", "last_complete_checkpoint", "load_merged", "missing_modules", "missing_path_reason", "model_varlen_reason", "nf4_config",
-    "peak_rss_gib", "prepare_tokenizer", "read_json_dict", "read_metrics", "reference_dtype", "register_transformers_varlen", "save_merged",
-    "seed_memory_gib", "tokenize_chat_example", "torch_dtype", "training_quantization", "varlen_attention", "verify_hf_model",
+    "free_memory", "hookimpl", "last_complete_checkpoint", "load_merged", "missing_modules", "missing_path_reason", "nf4_config",
+    "peak_rss_gib", "prepare_tokenizer", "read_json_dict", "read_metrics", "reference_dtype", "save_merged",
+    "seed_memory_gib", "tokenize_chat_example", "torch_dtype", "training_quantization", "verify_hf_model",
     "verify_with", "weights_bytes",
 ]

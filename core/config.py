@@ -34,7 +34,7 @@ class ModelConfig(Section):
     load_in_4bit: bool = True
     trust_remote_code: bool = False
     #: auto: the fast profile picks varlen where it runs, else the backend's default; varlen: one
-    #: variable-length attention call per layer on packed batches (qtune.attention); default: the
+    #: variable-length attention call per layer on packed batches (the backend's); default: the
     #: backend's own attention
     attention: Literal["auto", "default", "varlen"] = "auto"
 

@@ -23,8 +23,8 @@
       optimizer step sees more examples (about 8x on Alpaca, whose examples average ~200 tokens).
       ``max_steps`` is kept: a fast run of N steps trains on more data than a seed run of N steps;
     * ``model.attention: auto`` becomes ``varlen`` (one variable-length attention call per layer on
-      packed batches, :mod:`qtune.attention`) where the torch build, the GPU and the model's heads
-      allow it (:func:`attention_choice`), else ``default`` (the backend's own attention);
+      packed batches) where the backend runs it for this model on this machine
+      (``Backend.varlen_reason``, :func:`attention_choice`), else ``default`` (the backend's own attention);
     * memory is planned for ``training.memory_budget_gib`` where that is less than the card's.
 
 Nothing here imports torch: the estimate is arithmetic on the model's shape.
@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from .attention import NOT_CHECKED
-
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
 
 PROFILES = ("seed", "fast")
+#: what apply_profile assumes about varlen attention when the caller did not ask the backend
+NOT_CHECKED = "the backend was not asked"
 
 #: tokens per micro-batch the fast profile aims for (8 rows of 2048; more ran no faster on an H200)
 FAST_TOKENS_PER_MICROBATCH = 16_384
@@ -288,23 +288,16 @@ def planned_memory_gib(gpu_total_gib: Optional[float], budget_gib: Optional[floa
     return min(known) if known else None
 
 
-def attention_choice(config: Config, shape: Optional[ModelShape], varlen_unavailable: Optional[str]) -> tuple[str, Optional[str]]:
+def attention_choice(config: Config, varlen_unavailable: Optional[str]) -> tuple[str, Optional[str]]:
     """``(model.attention after the fast profile, why varlen was not chosen or None)``.
 
-    ``varlen_unavailable`` is the machine's reason (:func:`qtune.attention.varlen_machine_reason`),
-    None when the torch build and the GPU have the kernel. Only ``auto`` is resolved: ``varlen`` and
-    ``default`` are the user's choice and stay (a backend that cannot honour ``varlen`` says so)."""
-    from .attention import varlen_unsupported_reason
-
+    ``varlen_unavailable`` is the backend's reason (``Backend.varlen_reason``), None when it runs
+    varlen for this model here. Only ``auto`` is resolved: ``varlen`` and ``default`` are the user's
+    choice and stay (a backend that cannot honour ``varlen`` says so when the model loads)."""
     chosen = config.model.attention
     if chosen != "auto":
         return chosen, None
-    reason = varlen_unavailable
-    if reason is None and shape is not None:
-        reason = varlen_unsupported_reason(
-            has_kernel=True, capability=(8, 0), head_dim=shape.dim_per_head, heads=shape.heads, kv_heads=shape.kv_heads, dtype=config.model.dtype
-        )
-    return ("default", reason) if reason else ("varlen", None)
+    return ("default", varlen_unavailable) if varlen_unavailable else ("varlen", None)
 
 
 def apply_profile(
@@ -323,9 +316,9 @@ def apply_profile(
     :func:`model_shape_for` of ``config.model.name``; without one the fast profile keeps
     checkpointing on, which fits wherever the seed fits. ``kernels`` are the memory traits of the
     backend that will run (:class:`MemoryTraits`); the estimate for plain kernels is more cautious.
-    ``varlen_unavailable``: why this machine cannot run the varlen attention kernel, None when it
-    can (:func:`attention_choice`); by default the machine counts as unchecked and keeps the
-    backend's attention.
+    ``varlen_unavailable``: why the backend would not run varlen attention for this model here, None
+    when it would (:func:`attention_choice`); by default the backend counts as not asked and keeps
+    its own attention.
 
     On ``processes`` GPUs the micro-batch is planned per GPU (with ``sharded``, against the memory
     of one FSDP shard, :func:`sharded_memory_gib`) and the accumulation is divided
@@ -366,7 +359,7 @@ def apply_profile(
     new.training.per_device_train_batch_size = rows
     new.training.gradient_accumulation_steps = max(1, round(seed_capacity / (rows * processes)))
     new.lora.gradient_checkpointing = checkpointing
-    new.model.attention = attention_choice(config, shape, varlen_unavailable)[0]
+    new.model.attention = attention_choice(config, varlen_unavailable)[0]
     return new
 
 
@@ -385,16 +378,15 @@ def resolve_profile(config: Config, backend: Any, console: Any, processes: int =
     """Resolve ``training.profile`` for the GPU at hand (each of ``processes``); the run directory keeps the result."""
     if config.training.profile == "seed":
         return config
-    from .attention import varlen_machine_reason
     from .backends import cuda_total_memory_gib
 
-    machine = varlen_machine_reason()
     shape = model_shape_for(config.model.name)
-    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits, varlen_unavailable=machine,
-                            processes=processes, sharded=sharded)
+    varlen_unavailable = backend.varlen_reason(config, shape)
+    applied = apply_profile(config, cuda_total_memory_gib(), shape=shape, kernels=backend.memory_traits,
+                            varlen_unavailable=varlen_unavailable, processes=processes, sharded=sharded)
     changes = profile_changes(config, applied)
     console.print(f"profile [bold]{config.training.profile}[/]: {'; '.join(changes) or 'no change here'}", soft_wrap=True)
-    _, why_not = attention_choice(config, shape, machine)
+    _, why_not = attention_choice(config, varlen_unavailable)
     if why_not:
         console.print(f"[cyan]note:[/] varlen attention not chosen: {why_not}", soft_wrap=True)
     return applied

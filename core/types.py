@@ -226,6 +226,13 @@ class Backend:
     def for_inference(self, model: Any) -> Any:
         return model
 
+    def varlen_reason(self, config: Config, shape: ModelShape | None) -> str | None:
+        """Why the fast profile should keep this backend's own attention for ``config``'s model here
+        (one clause, printed as a note), or None to choose ``model.attention: varlen`` (one
+        variable-length attention call per layer on packed batches, which ``load`` then honours).
+        ``shape`` is the model's, when known. Called before the model loads: import no ML library."""
+        return f"backend {self.name!r} has no variable-length attention"
+
     def attention_in_use(self, model: Any, config: Config) -> str | None:
         """One line naming the attention ``model`` (just loaded) trains with, printed and kept in the
         run's summary: ``varlen (...)`` where ``config.model.attention`` got it, else the backend's

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtune.api import Backend, hookimpl, missing_modules, model_varlen_reason, nf4_config, register_transformers_varlen
+from qtune.api import Backend, hookimpl, missing_modules, nf4_config
+
+from .varlen import model_varlen_reason, profile_varlen_reason, register_transformers_varlen
 
 
 def resolve_dtype(name: str):
@@ -62,6 +64,9 @@ class TransformersBackend(Backend):
             # dtype, as the FSDP-QLoRA recipe does (same bytes, so the same memory)
             quantization.bnb_4bit_quant_storage = dtype
         return quantization
+
+    def varlen_reason(self, config, shape):
+        return profile_varlen_reason(config, shape)
 
     def _attention_implementation(self, config, model_path, dtype) -> str:
         """transformers' SDPA, or qtune's varlen function where ``model.attention: varlen`` and the

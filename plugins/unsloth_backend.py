@@ -28,7 +28,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from qtune.api import FUSED_KERNELS, Backend, cuda_device_count, hookimpl, model_varlen_reason, varlen_attention
+from qtune.api import FUSED_KERNELS, Backend, cuda_device_count, hookimpl
+
+from .varlen import model_varlen_reason, profile_varlen_reason, varlen_attention
 
 ALLOW_CPU_ENV = "QTUNE_UNSLOTH_ALLOW_CPU"
 #: the Unsloth release whose attention dispatch enable_unsloth_varlen knows
@@ -107,6 +109,9 @@ class UnslothBackend(Backend):
         if cuda_device_count() == 0:
             return f"no CUDA GPU found (Unsloth trains on NVIDIA GPUs; {ALLOW_CPU_ENV}=1 forces its slow CPU fallback)"
         return None
+
+    def varlen_reason(self, config, shape):
+        return profile_varlen_reason(config, shape)
 
     def import_first(self) -> bool:
         """Import unsloth now, before anything imports torch/trl/transformers/peft (the pipeline calls

@@ -1,4 +1,4 @@
-"""Variable-length attention for packed batches (qtune.attention): the choice logic, the fallback, the
+"""Variable-length attention for packed batches (qtune.plugins.varlen, the built-in backends'): the choice logic, the fallback, the
 example boundaries, the memory budget and the transformers path.
 
 The kernel is CUDA-only; the transformers path is checked on the CPU with a reference kernel put in
@@ -15,10 +15,10 @@ import sys
 import pytest
 
 from helpers import run_qtune, tiny_run_config, write_jsonl
-from qtune import attention
-from qtune.attention import packed_cu_seqlens, varlen_unsupported_reason
 from qtune.config import Config
+from qtune.plugins import varlen as attention
 from qtune.plugins.models import SHAPES
+from qtune.plugins.varlen import packed_cu_seqlens, profile_varlen_reason, varlen_unsupported_reason
 from qtune.profiles import apply_profile, attention_choice, estimate_memory_gib, planned_memory_gib
 
 QWEN7B = SHAPES["qwen2.5-7b"]
@@ -67,15 +67,33 @@ def test_fast_profile_keeps_the_default_attention_and_says_why():
     config = fast_config()
     applied = apply_profile(config, 141.0, shape=QWEN7B, varlen_unavailable="no CUDA GPU")
     assert applied.model.attention == "default"
-    assert attention_choice(config, QWEN7B, "no CUDA GPU") == ("default", "no CUDA GPU")
-    # unchecked machine (the default): the backend's attention
+    assert attention_choice(config, "no CUDA GPU") == ("default", "no CUDA GPU")
+    # a backend not asked (the default): its own attention
     assert apply_profile(config, 141.0, shape=QWEN7B).model.attention == "default"
-    # a model the kernel cannot take, on a machine that has it
+
+
+def test_the_built_in_backends_refuse_varlen_for_a_model_the_kernel_cannot_take(monkeypatch):
+    from qtune.plugins.transformers_backend import TransformersBackend
+    from qtune.plugins.unsloth_backend import UnslothBackend
+
+    monkeypatch.setattr(attention, "varlen_machine_reason", lambda: None)  # a machine with the kernel
+    assert profile_varlen_reason(fast_config(), QWEN7B) is None
     odd = QWEN7B.__class__(**(vars(QWEN7B) | {"heads": 28, "kv_heads": 5}))
-    choice, why = attention_choice(config, odd, None)
-    assert choice == "default" and "do not share 5" in why
-    # fp32 weights
-    assert attention_choice(fast_config(dtype="float32"), QWEN7B, None)[0] == "default"
+    assert "do not share 5" in profile_varlen_reason(fast_config(), odd)
+    assert "float32" in profile_varlen_reason(fast_config(dtype="float32"), QWEN7B)
+    for backend in (TransformersBackend(), UnslothBackend()):
+        assert "do not share 5" in backend.varlen_reason(fast_config(), odd)
+    monkeypatch.setattr(attention, "varlen_machine_reason", lambda: "no CUDA GPU")
+    assert profile_varlen_reason(fast_config(), QWEN7B) == "no CUDA GPU"
+
+
+def test_a_backend_without_varlen_keeps_its_attention():
+    from qtune.api import Backend
+
+    class Plain(Backend):
+        name = "plain"
+
+    assert Plain().varlen_reason(fast_config(), QWEN7B) == "backend 'plain' has no variable-length attention"
 
 
 def test_only_auto_is_resolved():
@@ -87,7 +105,7 @@ def test_only_auto_is_resolved():
 
 
 def test_machine_reason_without_torch_import():
-    code = "import sys; from qtune.attention import varlen_machine_reason; print(repr(varlen_machine_reason())); print('torch' in sys.modules)"
+    code = "import sys; from qtune.plugins.varlen import varlen_machine_reason; print(repr(varlen_machine_reason())); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[1] == "False"
     # this machine: torch 2.13 ships varlen_attn, and there is no GPU
@@ -243,7 +261,6 @@ def test_unsloth_patch_applies_to_the_version_it_knows_only(monkeypatch):
     stand-in with the attributes the patch touches takes its place; the GPU run uses the real one."""
     import types
 
-    from qtune.api import varlen_attention
     from qtune.plugins.unsloth_backend import KNOWN_UNSLOTH, enable_unsloth_varlen
 
     dispatch = types.SimpleNamespace(
@@ -258,7 +275,7 @@ def test_unsloth_patch_applies_to_the_version_it_knows_only(monkeypatch):
     assert dispatch._TORCH_VARLEN_ATTN is None
     unsloth.__version__ = KNOWN_UNSLOTH
     assert enable_unsloth_varlen() is None
-    assert dispatch._TORCH_VARLEN_ATTN is varlen_attention and dispatch._NATIVE_BEATS_XFORMERS is True
+    assert dispatch._TORCH_VARLEN_ATTN is attention.varlen_attention and dispatch._NATIVE_BEATS_XFORMERS is True
     # a torch whose varlen_attn Unsloth already uses (2.12+) is left as it is
     own = object()
     dispatch._TORCH_VARLEN_ATTN = own
@@ -280,3 +297,23 @@ def test_the_fast_profile_says_why_varlen_was_not_chosen(tiny_qwen_dir):
     assert applied.model.attention == "default"
     assert "model.attention: 'auto' -> 'default'" in printed
     assert "note: varlen attention not chosen: no CUDA GPU" in printed  # this machine has no GPU
+
+
+def test_float32_cuda_tensors_reach_the_kernel_in_the_models_16_bit_dtype():
+    # A QLoRA model prepared by peft keeps its norms in float32, so q/k/v arrive in float32, which
+    # FlashAttention refuses; the H200 run of benchmarks/gpu_plain_memory.py failed so before this cast.
+    import types
+
+    import torch
+
+    def tensor(dtype, device):
+        return types.SimpleNamespace(dtype=dtype, device=torch.device(device) if device == "cpu" else types.SimpleNamespace(type=device))
+
+    def module(**config):
+        return types.SimpleNamespace(config=types.SimpleNamespace(**config))
+
+    assert attention.half_dtype_for(tensor(torch.float32, "cuda"), module(_pre_quantization_dtype=torch.float16, dtype=torch.float32)) == torch.float16
+    assert attention.half_dtype_for(tensor(torch.float32, "cuda"), module(dtype=torch.bfloat16)) == torch.bfloat16
+    assert attention.half_dtype_for(tensor(torch.float32, "cuda"), module(dtype=torch.float32)) == torch.bfloat16
+    assert attention.half_dtype_for(tensor(torch.bfloat16, "cuda"), module(dtype=torch.bfloat16)) is None
+    assert attention.half_dtype_for(tensor(torch.float32, "cpu"), module(dtype=torch.bfloat16)) is None  # CPU kernels take float32

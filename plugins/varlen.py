@@ -1,5 +1,8 @@
-"""Variable-length attention for packed batches: one ``torch.nn.attention.varlen.varlen_attn`` call
-per layer instead of one attention call per example (or per run of equal lengths).
+"""Variable-length attention for packed batches, shared by the built-in backends: one
+``torch.nn.attention.varlen.varlen_attn`` call per layer instead of one attention call per example
+(or per run of equal lengths). The core knows none of this: the fast profile asks the backend
+(``Backend.varlen_reason``) whether to choose ``model.attention: varlen``, and the backend's ``load``
+honours it.
 
 A packed / padding-free batch from trl is one row of many examples whose ``position_ids`` restart at
 0 for every example. Attention must stay inside each example. Without FlashAttention's own package
@@ -14,7 +17,8 @@ Here:
 * :func:`varlen_unsupported_reason`: the choice logic (pure, CPU-testable): why the kernel cannot
   run a model on this machine, or None;
 * :func:`varlen_machine_reason`: the machine's part of it, read without importing torch (the
-  profile runs before Unsloth, which must be imported before torch);
+  profile runs before Unsloth, which must be imported before torch); :func:`profile_varlen_reason`
+  adds the model's shape: the backends' ``varlen_reason``;
 * :func:`varlen_attention`: ``varlen_attn`` with the signature of torch 2.12+ (``enable_gqa``) on any
   build that has the kernel: grouped-query heads are handed over as they are where the build's
   kernel takes them (FlashAttention does), else K/V are expanded;
@@ -34,8 +38,6 @@ from typing import Any, Optional
 
 #: the name transformers' ``attn_implementation`` knows the packed path by
 TRANSFORMERS_VARLEN = "qtune_varlen"
-#: what apply_profile assumes when the caller did not look at the machine
-NOT_CHECKED = "the machine was not checked"
 #: widest head FlashAttention's kernels take (and head dims must be multiples of 8)
 MAX_HEAD_DIM = 256
 MIN_CAPABILITY = (8, 0)
@@ -104,11 +106,21 @@ def torch_has_varlen() -> bool:
 
 def varlen_machine_reason() -> Optional[str]:
     """The machine's part of :func:`varlen_unsupported_reason` (torch build and GPU), or None."""
-    from .backends import cuda_capability
+    from qtune.api import cuda_capability
 
     if not torch_has_varlen():
         return varlen_unsupported_reason(has_kernel=False, capability=None, head_dim=128, heads=1, kv_heads=1)
     return varlen_unsupported_reason(has_kernel=True, capability=cuda_capability(), head_dim=128, heads=1, kv_heads=1)
+
+
+def profile_varlen_reason(config: Any, shape: Any) -> Optional[str]:
+    """``Backend.varlen_reason`` of the built-in backends: the machine's reason, else the model's from
+    its shape (:class:`qtune.api.ModelShape`, None when unknown) and ``model.dtype``, before it loads."""
+    reason = varlen_machine_reason()
+    if reason is None and shape is not None:
+        reason = varlen_unsupported_reason(has_kernel=True, capability=MIN_CAPABILITY, head_dim=shape.dim_per_head, heads=shape.heads,
+                                           kv_heads=shape.kv_heads, dtype=config.model.dtype)
+    return reason
 
 
 def model_varlen_reason(model_config: Any, dtype: Any = None) -> Optional[str]:
@@ -283,6 +295,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     cu, max_len = BOUNDARIES.get(position_ids)
     kv_heads = key.shape[1]
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    returned_dtype = query.dtype
+    if (kernel_dtype := half_dtype_for(query, module)) is not None:
+        query, key, value = query.to(kernel_dtype), key.to(kernel_dtype), value.to(kernel_dtype)
     out = varlen_attention(
         query.transpose(1, 2).reshape(batch * tokens, heads, dim),
         key.transpose(1, 2).reshape(batch * tokens, kv_heads, dim),
@@ -295,7 +310,27 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
         window_size=window,
         enable_gqa=kv_heads != heads,
     )
-    return out.view(batch, tokens, heads, dim), None
+    return out.view(batch, tokens, heads, dim).to(returned_dtype), None
+
+
+def half_dtype_for(query, module):
+    """The 16-bit dtype to hand FlashAttention's kernel float32 CUDA tensors in, or None to pass them
+    as they are. A QLoRA model prepared by peft keeps its norms in float32, so the projections'
+    outputs arrive in float32, which the kernel refuses ("FlashAttention only support fp16 and bf16");
+    transformers' own flash-attention path casts them the same way: to the autocast dtype, else the
+    dtype the model was loaded in (``_pre_quantization_dtype`` of a bitsandbytes model, or its
+    ``dtype``), else bfloat16."""
+    import torch
+
+    if query.dtype != torch.float32 or query.device.type != "cuda":
+        return None
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    config = getattr(module, "config", None)
+    for dtype in (getattr(config, "_pre_quantization_dtype", None), getattr(config, "dtype", None)):
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return torch.bfloat16
 
 
 def varlen_mask(*, attention_mask=None, **kwargs):
