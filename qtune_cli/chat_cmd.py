@@ -60,7 +60,7 @@ def open_chat_model(target: Path, max_new_tokens: int, temperature: float):
             return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     else:
         from qtune.chat import end_of_turn_ids
-        from qtune.inference import stream_answer
+        from qtune_cli.generation import stream_answer
 
         model, tokenizer = finished.load_trained()
         model = finished.backend().for_inference(model)
@@ -123,7 +123,7 @@ def chat(target: Path, system: str | None, max_new_tokens: int, temperature: flo
     model.max_seq_length the oldest exchanges are dropped (the system prompt stays).
     /reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits.
     """
-    from qtune.inference import ChatSession
+    from qtune_cli.generation import ChatSession
 
     template, tokenizer, generate, count_tokens, context = open_chat_model(target, max_new_tokens, temperature)
     session = ChatSession(template, tokenizer, generate, count_tokens, context, max_new_tokens, system=system)

@@ -107,7 +107,8 @@ def _exit_with_findings(findings) -> None:
 def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path | None, progress: bool, gpus: int | None,
         cpu_processes: int | None):
     """Fine-tune with the configuration in CONFIG, after the checks of `qtune validate`."""
-    from qtune.distributed import LAUNCHED_ENV, Ranks, processes_from_options
+    from qtune.distributed import LAUNCHED_ENV, Ranks
+    from qtune_cli.launch import processes_from_options
 
     request = processes_from_options(gpus, cpu_processes)
     ranks = Ranks.from_env()
@@ -145,8 +146,9 @@ def _launch(config, resume_dir: Path | None, request, progress: bool) -> None:
     """`qtune run --gpus N`: plan, check and prepare the run here (once, before any weights load),
     then start N workers through torch's launcher and wait for them."""
     from qtune.backends import choose_backend
-    from qtune.distributed import launch, plan, prepare_run
+    from qtune.distributed import plan, prepare_run
     from qtune.preflight import PreflightError
+    from qtune_cli.launch import launch
 
     if request.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers get the same: gloo on the CPU
@@ -261,7 +263,7 @@ def generate(run_dir: Path, instruction: str | None, input_text: str, system: st
         quiet_libraries()
         model, tokenizer = finished.load_trained()
         model = finished.backend().for_inference(model)
-        from qtune.inference import stream_answer
+        from qtune_cli.generation import stream_answer
 
         template = finished.template
         from qtune.types import ChatTemplate
@@ -342,7 +344,8 @@ def validate(config_path: Path, overrides: tuple[str, ...], show: int):
     """Check CONFIG before any GPU time: schema, plugin names, data, tokens (loads the tokenizer, never the weights)."""
     config = _load(config_path, overrides)
     quiet_libraries()
-    from qtune.preflight import preflight, print_findings, show_examples
+    from qtune.preflight import preflight, print_findings
+    from qtune_cli.examples import show_examples
 
     report = preflight(config)
     out = console()

@@ -296,7 +296,7 @@ def test_empty_and_non_text_content_are_named(content, problem):
 
 def test_validate_show_styles_exactly_the_assistant_turns(templates, qwen_tokenizer):
     from qtune.config import Config
-    from qtune.preflight import render_conversation_example
+    from qtune_cli.examples import render_conversation_example
 
     text = render_conversation_example({"messages": CONVERSATION}, templates.get("chatml"), qwen_tokenizer, Config())
     trained = "".join(text.plain[span.start:span.end] for span in text.spans if span.style == "bold green")

@@ -127,8 +127,8 @@ def test_chat_streams_turns_with_reset_and_system(chat_run):
 def test_chat_session_keeps_history_within_the_context(tiny_qwen_dir):
     from transformers import AutoTokenizer
 
-    from qtune.inference import ChatSession
     from qtune.plugin_manager import get_host
+    from qtune_cli.generation import ChatSession
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_dir)
     prompts = []

@@ -57,7 +57,7 @@ def trained_model(lora_run, tiny_qwen_dir):
 
 
 def test_stream_answer_yields_pieces_that_join_to_the_greedy_answer(trained_model):
-    from qtune.inference import stream_answer
+    from qtune_cli.generation import stream_answer
 
     model, tokenizer = trained_model
     prompt = ALPACA.format("Name three colours.", "")

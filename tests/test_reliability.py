@@ -104,7 +104,7 @@ def test_validate_show_highlights_trained_tokens(tmp_path, tiny_qwen_dir):
     from transformers import AutoTokenizer
 
     from qtune.plugin_manager import get_host
-    from qtune.preflight import render_example
+    from qtune_cli.examples import render_example
     from qtune_cli.main import cli
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import QtuneError
+from qtune.errors import QtuneError
 
 
 def stream_answer(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
