@@ -24,14 +24,26 @@ IGNORE_INDEX = -100
 ROW_COLUMN = "_qtune_row"
 
 
+#: how a local data file's name ends (a hub dataset id, owner/name, does not)
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".pq")
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local file or folder even when it is not there (a typo): it starts
+    with ``.``, ``/`` or ``~``, or ends like a data file. A hub id (``owner/name``) does neither."""
+    return path.startswith((".", "/", "~")) or path.lower().endswith(DATA_SUFFIXES)
+
+
 def pick_loader(config: Config):
+    """``dataset.loader``, with ``auto`` resolved: local files for a path that exists or looks local
+    (a missing one is then named as missing, not fetched from the hub), the hub otherwise."""
     from .plugin_manager import get_host
 
     loaders = get_host().dataset_loaders
     name = config.dataset.loader
     if name == "auto":
         path = config.dataset.path or ""
-        name = "files" if path and Path(path).expanduser().exists() else "hub"
+        name = "files" if path and (Path(path).expanduser().exists() or looks_local(path)) else "hub"
     return loaders.get(name)
 
 

@@ -416,11 +416,11 @@ def check_data(report: Report) -> None:
 def _read_checked(report: Report, config: Config, where: str, path_key: str):
     """The rows ``config.dataset`` names, or None after a finding: ``where`` names them in findings
     ("dataset", "eval dataset"), ``path_key`` is the setting that points at them."""
-    from .data import ROW_COLUMN, read_rows
+    from .data import ROW_COLUMN, looks_local, read_rows
 
     template = report.template
     spec = config.dataset
-    if spec.path and (spec.loader == "files" or (spec.loader == "auto" and _looks_local(spec.path))):
+    if spec.path and (spec.loader == "files" or (spec.loader == "auto" and looks_local(spec.path))):
         from .fsutil import missing_path_reason
 
         path = Path(spec.path).expanduser()
@@ -522,11 +522,6 @@ def _check_file_start(report: Report, path: Path, path_key: str = "dataset.path"
                    "write one JSON object per line")
         return False
     return True
-
-
-def _looks_local(path: str) -> bool:
-    lower = path.lower()
-    return path.startswith((".", "/", "~")) or lower.endswith((".json", ".jsonl", ".csv", ".parquet", ".pq"))
 
 
 def _load_tokenizer(report: Report):

@@ -463,6 +463,13 @@ def _(tmp, model):
     return ["run", config_with(tmp, model, model={"name": "qtune-test/missing-model"})], env
 
 
+@case("dataset-missing-hub-unreachable", "dataset.path", "'./data/train.jsonl' not found")
+def _(tmp, model):
+    # a mistyped local path on a machine whose hub is unreachable: the path is named, not the hub
+    env = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp.parent / "hf-home")}
+    return ["run", config_with(tmp, model, dataset={"path": "./data/train.jsonl"})], env
+
+
 # --------------------------------------------------------------------------- the runner
 
 
