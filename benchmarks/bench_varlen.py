@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # assets.py: the Qwen2.5 tokenizer and shapes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402  (benchmarks/checkpoints.py: the random-weight checkpoints every GPU script builds)
 
 GIB = 1024**3
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -174,19 +176,7 @@ def kernel_check() -> dict:
 
 
 def build_small_model(assets: Path, dest: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from assets import qwen25_shape_config
-
-    tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
-    config = qwen25_shape_config("0.5B")
-    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
+    checkpoints.build(dest, "0.5B", tokenizer_dir=assets / "tokenizer")
     return dest
 
 
@@ -369,29 +359,7 @@ def worker_numerics_unsloth(args: dict) -> dict:
 
 def build_7b(assets: Path, dest: Path) -> dict:
     """Random-weight Qwen2.5-7B shape, saved as a bitsandbytes NF4 checkpoint (as Unsloth's -bnb-4bit)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    from assets import qwen25_shape_config
-
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
-    config = qwen25_shape_config("7B")
-    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    shm = Path("/dev/shm")
-    bf16 = (shm if shm.is_dir() else dest.parent) / (dest.name + "-bf16")  # a temporary copy: RAM is faster
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(bf16)
-    del model
-    torch.cuda.empty_cache()
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(bf16, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0})
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    shutil.rmtree(bf16)
-    return {"build_s": round(time.perf_counter() - t0, 1)}
+    return {"build_s": checkpoints.build(dest, "7B", nf4=True, tokenizer_dir=assets / "tokenizer")["build_s"]}
 
 
 def text_dataset(assets: Path, eos: str):

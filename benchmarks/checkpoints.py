@@ -1,7 +1,7 @@
 """Random-weight checkpoints of real Qwen2.5 shapes with the real Qwen2.5 tokenizer, for the GPU scripts.
 
-No weights can be downloaded on the GPU machine, so bench_seed.py and gpu_merge_4bit.py build their
-models there, in the same call. Random weights measure speed and memory faithfully and give an
+No weights can be downloaded on the GPU machine, so the GPU scripts (bench_seed.py, bench_varlen.py,
+gpu_merge_4bit.py, gpu_oom.py, gpu_plain_memory.py) build their models there, in the same call. Random weights measure speed and memory faithfully and give an
 adapter something to move; what the model says means nothing. The shapes and the tokenizer are the
 test fixtures' (tests/assets.py), so tests and benchmarks build the same models.
 
@@ -43,9 +43,10 @@ def prepare() -> Path:
     return qwen25_tokenizer(instruct=False, dest=BENCH_DIR / "tokenizer")
 
 
-def build(dest: Path, shape: str, nf4: bool = False) -> dict:
+def build(dest: Path, shape: str, nf4: bool = False, tokenizer_dir: Path | None = None) -> dict:
     """A random-weight bf16 Qwen2.5 checkpoint of ``shape`` ("7B", "1.5B", ... or "tiny") in ``dest``,
-    built on the GPU when there is one, with BENCH_DIR/tokenizer next to it. With ``nf4`` it is then
+    built on the GPU when there is one, with the tokenizer of ``tokenizer_dir`` (default
+    BENCH_DIR/tokenizer) next to it. With ``nf4`` it is then
     saved again as a bitsandbytes NF4 checkpoint (double quantization, bf16 compute) like Unsloth's
     ``-bnb-4bit`` uploads, embeddings and head left in 16-bit. Returns facts for the report."""
     import torch
@@ -53,7 +54,7 @@ def build(dest: Path, shape: str, nf4: bool = False) -> dict:
 
     from assets import TOKENIZER_FILES, _eos_and_pad_ids, _qwen25_config, qwen25_shape_config
 
-    tokenizer_dir = BENCH_DIR / "tokenizer"
+    tokenizer_dir = Path(tokenizer_dir or BENCH_DIR / "tokenizer")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         sys.exit(f"{tokenizer_dir} is missing: run the script's `prepare` on the CPU machine and carry .bench")
     started = time.perf_counter()
@@ -61,7 +62,8 @@ def build(dest: Path, shape: str, nf4: bool = False) -> dict:
     config.eos_token_id, config.pad_token_id = _eos_and_pad_ids(tokenizer_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dest = Path(dest)
-    bf16_dir = dest.with_name(dest.name + "-bf16") if nf4 else dest
+    shm = Path("/dev/shm")  # the bf16 copy an NF4 build starts from: in RAM where there is a RAM disk
+    bf16_dir = ((shm if shm.is_dir() else dest.parent) / (dest.name + "-bf16")) if nf4 else dest
     with torch.device(device):  # initialising 7.6 B parameters on the CPU would take minutes
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
