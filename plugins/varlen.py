@@ -181,10 +181,9 @@ def _gqa_is_native(kernel, device) -> bool:
     def tensor(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=torch.bfloat16).requires_grad_()
 
-    q, k, v = tensor(24, 4, 64), tensor(24, 2, 64), tensor(24, 2, 64)
-    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
-    native = False
-    try:
+    def probe() -> bool:
+        q, k, v = tensor(24, 4, 64), tensor(24, 2, 64), tensor(24, 2, 64)
+        cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
         out = kernel(q, k, v, cu, cu, 14, 14, window_size=(-1, 0))
         grads = torch.autograd.grad(out.float().sum(), (q, k, v))
         k2, v2 = (x.detach().repeat_interleave(2, dim=1).requires_grad_() for x in (k, v))
@@ -193,10 +192,18 @@ def _gqa_is_native(kernel, device) -> bool:
         ref_grads = torch.autograd.grad(ref.float().sum(), (q2, k2, v2))
         dk = ref_grads[1].unflatten(1, (2, 2)).sum(2)
         dv = ref_grads[2].unflatten(1, (2, 2)).sum(2)
-        native = all(
+        return all(
             torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
             for a, b in ((out, ref), (grads[0], ref_grads[0]), (grads[1], dk), (grads[2], dv))
         )
+
+    # The first call comes from inside a forward pass: with gradients possibly off (evaluation), and
+    # possibly inside a non-reentrant checkpoint, whose saved-tensor hooks would count the probe's
+    # tensors in the forward but not in the recomputation (the answer is cached by then), which torch
+    # refuses. Identity hooks keep the probe's tensors to itself.
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            native = probe()
     except (RuntimeError, ValueError, TypeError):
         native = False
     _GQA_NATIVE[device] = native

@@ -317,3 +317,39 @@ def test_float32_cuda_tensors_reach_the_kernel_in_the_models_16_bit_dtype():
     assert attention.half_dtype_for(tensor(torch.float32, "cuda"), module(dtype=torch.float32)) == torch.bfloat16
     assert attention.half_dtype_for(tensor(torch.bfloat16, "cuda"), module(dtype=torch.bfloat16)) is None
     assert attention.half_dtype_for(tensor(torch.float32, "cpu"), module(dtype=torch.bfloat16)) is None  # CPU kernels take float32
+
+
+def gqa_reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """The reference kernel taking grouped key/value heads as they are, as FlashAttention's does (so
+    the first call runs the whole grouped-heads probe, with its own autograd graph)."""
+    groups = query.shape[1] // key.shape[1]
+    return reference_varlen(query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), cu_seq_q, cu_seq_k,
+                            max_q, max_k, scale=scale, window_size=window_size)
+
+
+def test_transformers_varlen_trains_under_non_reentrant_gradient_checkpointing(tiny_qwen_dir, monkeypatch):
+    # The H200 run of benchmarks/gpu_plain_memory.py (checkpointing on) failed with torch's "A different
+    # number of tensors was saved during the original forward and recomputation": the grouped-heads
+    # probe ran inside layer 0's first forward, and its tensors were counted there but not in the
+    # recomputation (the probe's answer was cached by then).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: gqa_reference_varlen)
+    monkeypatch.setattr(attention, "_GQA_NATIVE", {})
+    name = attention.register_transformers_varlen()
+    lengths = [5, 9, 3, 7]
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    grads = {}
+    for implementation in ("sdpa", name):
+        model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, attn_implementation="sdpa")
+        model.config._attn_implementation = implementation
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss.backward()
+        grads[implementation] = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert attention._GQA_NATIVE == {torch.device("cpu"): True}  # the probe ran, inside the checkpointed forward
+    assert torch.allclose(grads[name], grads["sdpa"], atol=1e-5)
