@@ -149,18 +149,23 @@ class MemoryTraits:
     (``memory_traits``) and the estimate below reads them."""
 
     #: bytes of logits kept per token and vocabulary entry: a chunked fused cross-entropy keeps a
-    #: slice of the fp32 logits (about 0.5); plain transformers materialises bf16 logits and an fp32
-    #: copy (6)
-    logit_bytes_per_vocab: float = 6.0
-    #: activations one layer keeps, relative to fused kernels (plain transformers keeps ~1.5x)
-    layer_factor: float = 1.5
+    #: slice of the fp32 logits (about 0.5); plain transformers keeps whole fp32 logits, their
+    #: log-softmax and their gradient (10)
+    logit_bytes_per_vocab: float = 10.0
+    #: activations one layer keeps, relative to fused kernels
+    layer_factor: float = 2.3
     #: whether gradient checkpointing "unsloth" offloads each layer's input to host memory
     offloads_checkpoints: bool = False
+    #: bytes per embedding and output-head weight of a 4-bit model: 2 where they stay 16-bit, 4
+    #: where peft's prepare_model_for_kbit_training casts them to float32 (plain transformers)
+    embedding_bytes_per_param: float = 4.0
 
 
 #: Unsloth's fused kernels, as measured on an H200 (FACTS.md): what the seed notebook runs on
-FUSED_KERNELS = MemoryTraits(logit_bytes_per_vocab=0.5, layer_factor=1.0, offloads_checkpoints=True)
-#: transformers + peft without fused kernels (also the cautious default for any other backend)
+FUSED_KERNELS = MemoryTraits(logit_bytes_per_vocab=0.5, layer_factor=1.0, offloads_checkpoints=True, embedding_bytes_per_param=2.0)
+#: transformers + peft without fused kernels (also the cautious default for any other backend),
+#: fitted to the transformers backend on an H200 (benchmarks/gpu_plain_memory.py, docs/benchmarks.md:
+#: Qwen2.5-7B NF4, packed rows of 2048 without checkpointing: 27.6 GiB for one row, 47.1 for two)
 PLAIN_KERNELS = MemoryTraits()
 
 
@@ -178,14 +183,14 @@ def estimate_memory_gib(
     The sum of five terms, each a count times a documented size::
 
         frozen weights   linear params x 0.516 bytes (NF4 + double-quant scales), or x 2 in 16-bit,
-                         + embeddings and head x 2 bytes (they stay 16-bit under QLoRA)
+                         + embeddings and head x 2 bytes (x 4 where the backend upcasts them)
         LoRA             r x (in + out) per target projection x 10 bytes
                          (fp32 weight + fp32 gradient + two 8-bit AdamW states)
         activations      per token, one layer keeps 2 bytes x (3.5 x hidden + 2.8 x intermediate):
                            checkpointing "unsloth": one layer's worth (inputs are offloaded to host)
                            checkpointing True:      one layer + every layer's 16-bit input
                            checkpointing off:       every layer's worth
-        logits           per token, vocab x 0.5 bytes (Unsloth's chunked loss; x 6 without it)
+        logits           per token, vocab x 0.5 bytes (Unsloth's chunked loss; x 10 without it)
 
     ``kernels`` are the backend's :class:`MemoryTraits` (the layer terms x ``layer_factor``, the
     logits x ``logit_bytes_per_vocab``; offloaded checkpointing only where ``offloads_checkpoints``).
@@ -193,10 +198,13 @@ def estimate_memory_gib(
 
     Checked against FACTS.md (Qwen2.5-7B, H200, peak reserved): 6.45 GiB for the seed's 2 x
     267-token micro-batch (measured 6.25), 9.66 for 8 packed rows of 2048 with checkpointing (9.2),
-    66.4 without (63.8) and 126.5 for 16 rows without (122): 3-5% high, the safe side.
+    66.4 without (63.8) and 126.5 for 16 rows without (122): 3-5% high, the safe side. For plain
+    transformers (PLAIN_KERNELS, benchmarks/gpu_plain_memory.py on an H200): 28.4 GiB for one packed
+    row of 2048 without checkpointing (measured 27.6) and 48.4 for two (47.1).
     """
     linear = shape.layers * shape.linear_params_per_layer
-    weights = linear * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0) + shape.embedding_params * 2.0
+    embedding_bytes = kernels.embedding_bytes_per_param if load_in_4bit else 2.0
+    weights = linear * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0) + shape.embedding_params * embedding_bytes
     lora = shape.lora_params(lora_r, target_modules) * LORA_BYTES_PER_PARAM
     a_hidden, a_inter = LAYER_VALUES_PER_TOKEN
     layer = 2.0 * (a_hidden * shape.hidden + a_inter * shape.intermediate) * kernels.layer_factor

@@ -124,11 +124,21 @@ def test_fast_without_a_gpu_packs_but_leaves_checkpointing():
 
 
 def test_fast_is_more_cautious_for_plain_transformers():
+    # Measured on an H200 (139.8 GiB; docs/benchmarks.md, benchmarks/gpu_plain_memory.py): the
+    # transformers backend without checkpointing takes 8.02 GiB + 19.55 GiB per packed row of 2048, and
+    # the old plan of 8 rows ran out of memory. Unsloth's fused kernels take 8 rows there (63.8 GiB, FACTS.md).
     config = Config()
     config.training.profile = "fast"
-    unsloth = apply_profile(config, 79.2, shape=QWEN7B, kernels=FUSED_KERNELS)
-    plain = apply_profile(config, 79.2, shape=QWEN7B, kernels=PLAIN_KERNELS)
-    assert plain.training.per_device_train_batch_size < unsloth.training.per_device_train_batch_size
+    unsloth = apply_profile(config, 139.8, shape=QWEN7B, kernels=FUSED_KERNELS)
+    plain = apply_profile(config, 139.8, shape=QWEN7B, kernels=PLAIN_KERNELS)
+    assert (unsloth.training.per_device_train_batch_size, unsloth.lora.gradient_checkpointing) == (8, False)
+    rows = plain.training.per_device_train_batch_size
+    assert plain.lora.gradient_checkpointing is False and rows < 8
+    assert 8.02 + 19.55 * rows <= 0.9 * 139.8  # fits, at the measured cost
+    # an 80 GiB card: plain keeps checkpointing on where Unsloth's kernels need none
+    on_h100 = apply_profile(config, 79.2, shape=QWEN7B, kernels=PLAIN_KERNELS)
+    assert on_h100.lora.gradient_checkpointing == "unsloth"
+    assert apply_profile(config, 79.2, shape=QWEN7B, kernels=FUSED_KERNELS).lora.gradient_checkpointing is False
 
 
 def test_profile_is_validated():
