@@ -32,6 +32,7 @@ Nothing here imports torch: the estimate is arithmetic on the model's shape.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -226,11 +227,12 @@ def sharded_memory_gib(shape: ModelShape, tokens_per_microbatch: int, processes:
     for a whole replica, less the share of the decoder layers' weights and the LoRA weights (with
     their gradients and optimizer states) that other GPUs hold, plus two layers gathered at a time
     (the one computing and the one prefetched). Embeddings and the output head are counted whole:
-    they sit in FSDP's root unit, gathered for the whole forward and backward. Activations are not
-    sharded: each GPU keeps those of its own micro-batch.
+    they sit in FSDP's root unit, gathered for the whole forward and backward, in 16-bit (FSDP shards
+    weights of one dtype, so a sharded 4-bit model is not upcast as a single-GPU one may be).
+    Activations are not sharded: each GPU keeps those of its own micro-batch.
     """
-    replica = estimate_memory_gib(shape, tokens_per_microbatch, gradient_checkpointing, lora_r, target_modules,
-                                  load_in_4bit, kernels or PLAIN_KERNELS)
+    kernels = dataclasses.replace(kernels or PLAIN_KERNELS, embedding_bytes_per_param=2.0)
+    replica = estimate_memory_gib(shape, tokens_per_microbatch, gradient_checkpointing, lora_r, target_modules, load_in_4bit, kernels)
     linear = shape.layers * shape.linear_params_per_layer * (NF4_BYTES_PER_PARAM if load_in_4bit else 2.0)
     lora = shape.lora_params(lora_r, target_modules) * LORA_BYTES_PER_PARAM
     held_elsewhere = (linear + lora) * (1 - 1 / processes)

@@ -96,3 +96,21 @@ def test_qtune_models_prints_the_hand_computed_memory(name, shown):
     table = CliRunner().invoke(cli, ["models", "--family", rows[name]["family"]], env={"COLUMNS": "200"})
     line = next(line for line in table.output.splitlines() if f" {name} " in line)
     assert f"{shown:.1f} GiB" in line
+
+
+def test_plain_kernels_on_one_gpu_and_sharded_by_hand():
+    # The transformers backend's traits (docs/benchmarks.md, measured on an H200): activations 2.3x a
+    # fused layer's, 10 bytes of logits per vocabulary entry, and a 4-bit model's embeddings upcast to
+    # float32 by peft (4 bytes) on one GPU, but kept 16-bit when FSDP shards the model.
+    from qtune.plugins.models import SHAPES
+    from qtune.profiles import PLAIN_KERNELS, estimate_memory_gib, sharded_memory_gib
+
+    tokens = 2048  # one packed row, checkpointing off: every layer's activations are kept
+    weights = QWEN_7B_LINEAR * NF4_BYTES + QWEN_7B_EMBEDDINGS * 4
+    per_token = 28 * 2 * (3.5 * 3584 + 2.8 * 18944) * 2.3 + 152064 * 10
+    by_hand_gib = ((weights + QWEN_7B_LORA * 10 + tokens * per_token) / GIB + 0.5) * 1.05
+    assert estimate_memory_gib(SHAPES["qwen2.5-7b"], tokens, False, kernels=PLAIN_KERNELS) == pytest.approx(by_hand_gib, abs=0.01)
+    assert 27.57 < by_hand_gib < 27.57 * 1.05  # the measured peak, and at most 5% above it
+    # one FSDP process holds everything, with the embeddings in 16-bit: 2 bytes less per embedding weight
+    sharded = sharded_memory_gib(SHAPES["qwen2.5-7b"], tokens, 1, False, kernels=PLAIN_KERNELS)
+    assert sharded == pytest.approx(by_hand_gib - QWEN_7B_EMBEDDINGS * 2 / GIB * 1.05, abs=0.02)
