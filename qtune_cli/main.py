@@ -230,7 +230,8 @@ def _print_summary(out, ctx) -> None:
 
 @cli.command()
 @click.argument("run_dir", metavar="RUN_DIR|GGUF", type=click.Path(path_type=Path))
-@click.option("-i", "--instruction", default=None, help="The instruction (the template's first field).")
+@click.argument("prompt", metavar="[INSTRUCTION]", required=False)
+@click.option("-i", "--instruction", default=None, help="The instruction (the template's first field); or give it after RUN_DIR.")
 @click.option("--input", "input_text", default="", help="Optional input / context.")
 @click.option("--system", default=None, help="System prompt, for templates that have one (chat templates).")
 @click.option("-c", "--conversation", "conversation", default=None, metavar="FILE|-",
@@ -239,9 +240,13 @@ def _print_summary(out, ctx) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0.0, 5.0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come, or the whole answer at the end.")
-def generate(run_dir: Path, instruction: str | None, input_text: str, system: str | None, conversation: str | None,
-             max_new_tokens: int, temperature: float, stream: bool):
-    """Answer an instruction (-i) or a conversation (-c) with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
+def generate(run_dir: Path, prompt: str | None, instruction: str | None, input_text: str, system: str | None,
+             conversation: str | None, max_new_tokens: int, temperature: float, stream: bool):
+    """Answer an instruction (INSTRUCTION or -i) or a conversation (-c) with a trained run (RUN_DIR) or a GGUF file made by `qtune export`."""
+    if prompt is not None:
+        if instruction is not None:
+            raise QtuneError("give the instruction once: after RUN_DIR or with -i, not both")
+        instruction = prompt
     if (instruction is None) == (conversation is None):
         raise QtuneError("give either -i INSTRUCTION or --conversation FILE (- for stdin)")
     if conversation is not None:

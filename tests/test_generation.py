@@ -85,6 +85,12 @@ def test_qtune_generate_streams_the_trained_models_greedy_answer(lora_run, train
     whole = CliRunner().invoke(cli, [*args, "--no-stream"])
     assert whole.exit_code == 0 and whole.output == expected + "\n"
     assert printed == [(expected, True)]
+    # the instruction may also come right after RUN_DIR, as `llm "prompt"` takes it; not twice
+    positional = CliRunner().invoke(cli, ["generate", str(lora_run), "Add the numbers.", "--input", "2 + 3",
+                                          "--max-new-tokens", str(NEW_TOKENS), "--no-stream"])
+    assert positional.exit_code == 0 and positional.output == expected + "\n"
+    twice = CliRunner().invoke(cli, ["generate", str(lora_run), "Add the numbers.", "-i", "Add the numbers."])
+    assert twice.exit_code != 0 and "give the instruction once" in twice.output
 
 
 # --------------------------------------------------------------------------- exact match
