@@ -1,31 +1,19 @@
-r"""The seed workload on one GPU: Unsloth's notebook, `qtune run` (seed config and fast profile), plain transformers.
+r"""The seed workload on one GPU, four ways, each in its own process (``import unsloth`` patches a process):
 
-Each setup trains in its own process (``import unsloth`` patches the whole process):
-
-  a  notebook      Unsloth as the seed notebook calls it: FastLanguageModel.from_pretrained,
-                   get_peft_model, trl's SFTTrainer on formatted text, packing=False
+  a  notebook      Unsloth as the seed notebook calls it (FastLanguageModel, trl's SFTTrainer, packing off)
   b  qtune-seed    `qtune run` with the seed config (every key at its default: backend auto -> unsloth)
   c  qtune-fast    `qtune run` with training.profile: fast
   d  transformers  transformers + peft + bitsandbytes, no Unsloth: sdpa, gradient checkpointing
 
-Workload (the seed's): a random-weight checkpoint of the Qwen2.5-7B shape, built on the GPU and saved
-in bitsandbytes NF4 (benchmarks/checkpoints.py), with the real Qwen2.5 tokenizer; LoRA r16 alpha 16
-on the 7 projections; micro-batch 2 x gradient accumulation 4; max_seq_length 2048; adamw_8bit,
-lr 2e-4, warmup 5, seed 3407; the 999 Alpaca rows of alpaca_en_demo.json, twice over.
+The seed's workload on a random-weight Qwen2.5-7B shape in NF4 (benchmarks/checkpoints.py) with the
+real tokenizer and the 999 Alpaca rows twice over. Figures over the steps after --warmup: non-pad
+tokens/s, s/step and the process's peak reserved GPU memory.
 
-Figures, over the optimizer steps after --warmup: non-pad tokens/s (a forward pre-hook adds up each
-micro-batch's real tokens), s/step, and the process's peak reserved GPU memory.
-
---setups lists setups in the order they run, comma-separated; digits repeat one (a2, b3). Members of
-a group joined by + (a+b) start together and take turns, one optimizer step each (class Turns), so
-that every step has the GPU and the host to itself while both meet the host's drifting speed a second
-apart. Compare (b) with (a) only that way: one at a time, the same setup moved by up to 25% in a call.
-
-Usage (docs/benchmarks.md has the whole recipe): `python benchmarks/bench_seed.py prepare` here, then
-with .bench and .gpu-bundle carried, `python3 benchmarks/bench_seed.py run --setups c,a+b,b2+a2 --out $OUT`
-on the GPU (--steps 14 per setup, warm-up included; --warmup 4 untimed; --budget-s 480: start no group
-after it; --deadline-s 575: stop what still runs; --shape tiny: a CPU smoke run of (b)). It prints a
-table last and writes bench_seed.json and bench_logs.txt under --out; numbers compare only inside one call.
+--setups lists setups in order; digits repeat one (a2). A group joined by + (a+b) takes turns, one
+optimizer step each (class Turns), so both meet the host's drifting speed a second apart: compare (b)
+with (a) only so. docs/benchmarks.md has the recipe: `prepare` here, then on the GPU (carry .bench,
+.gpu-bundle) `python3 benchmarks/bench_seed.py run --setups c,a+b,b2+a2 --out $OUT`. It prints a table
+last and writes bench_seed.json and bench_logs.txt; numbers compare only inside one call.
 """
 
 from __future__ import annotations
@@ -147,9 +135,7 @@ class StepTimer:
         if len(timed) >= 2:
             (s0, t0, k0), (s1, t1, k1) = timed[0], timed[-1]
             out.update(steps_timed=s1 - s0, s_per_step=(t1 - t0) / (s1 - s0), tokens_per_s=(k1 - k0) / (t1 - t0),
-                       tokens_per_step=(k1 - k0) / (s1 - s0),
-                       step_s=[round(b[1] - a[1], 4) for a, b in pairwise(timed)],
-                       step_tokens=[b[2] - a[2] for a, b in pairwise(timed)])
+                       tokens_per_step=(k1 - k0) / (s1 - s0), step_tokens=[b[2] - a[2] for a, b in pairwise(timed)])
         if self.turns is not None:
             out["turns"] = {"waited_s": round(self.turns.waited_s, 2), "broken_at_step": self.turns.broken_at}
         if torch.cuda.is_available():
@@ -277,12 +263,9 @@ def worker_build(dest: str, shape: str) -> None:
     facts = checkpoints.build(Path(dest), shape, nf4=torch.cuda.is_available())
     if torch.cuda.is_available():
         facts.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(torch.cuda.get_device_properties(0).total_memory / GIB, 1))
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "unsloth", "unsloth_zoo", "qtune"):
-        try:
-            facts[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            facts[name] = None
-    print(json.dumps(facts | {"cuda": torch.version.cuda}))
+    names = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "unsloth", "unsloth_zoo", "qtune")
+    installed = {d.metadata["Name"].lower().replace("-", "_"): d.version for d in metadata.distributions()}
+    print(json.dumps(facts | {name: installed.get(name) for name in names} | {"cuda": torch.version.cuda}))
 
 
 # --------------------------------------------------------------------------- the run's parent
@@ -355,9 +338,9 @@ def run_jobs(names: list[str], jobs: list[dict], timeout: float, log: list[str])
             proc.wait()
             rc = 124
         wall = time.perf_counter() - started
-        logfile.seek(0)
-        output = logfile.read()
-        logfile.close()
+        with logfile:
+            logfile.seek(0)
+            output = logfile.read()
         log.append(f"===== {name} rc={rc} wall={wall:.1f}s =====\n" + "\n".join(output.splitlines()[-120:]))
         print(f"    {name}: rc={rc} wall={wall:.1f} s", flush=True)
         if rc != 0:
@@ -420,16 +403,12 @@ def run(opts) -> int:
 
 def summarize(results: dict) -> dict:
     """Ratios to (a): each run's to the (a) of its repeat number (b2 to a2; c, d and the repeats of a
-    to a), the means of the repeats, (b)/(a) step by step (same seed, so the same batches in the same
-    order: the median ignores a few slow steps), and the peak memory's difference."""
+    to a), the means of the repeats, and the peak memory's difference."""
     ok = {name: r for name, r in results.items() if r.get("tokens_per_s")}
-    step_ratios = []
     for name, r in ok.items():
         pair = ok.get("a" + name[1:]) if name[0] == "b" else None
         if base := pair or ok.get("a"):
             r["ratio_to_a"] = r["tokens_per_s"] / base["tokens_per_s"]
-        if pair and pair.get("step_tokens") == r.get("step_tokens"):
-            step_ratios += [a / b for a, b in zip(pair["step_s"], r["step_s"], strict=True)]
     runs: dict[str, list[float]] = {}
     for name, r in ok.items():
         runs.setdefault(name[0], []).append(r["tokens_per_s"])
@@ -437,8 +416,6 @@ def summarize(results: dict) -> dict:
     summary: dict = {"runs": {k: len(v) for k, v in runs.items()}, "tokens_per_s_mean": mean}
     if "a" in mean:
         summary["ratio_of_means_to_a"] = {k: round(v / mean["a"], 3) for k, v in mean.items() if k != "a"}
-    if step_ratios:  # the upper median: a ratio that was measured
-        summary["b_over_a_step_by_step_median"] = round(sorted(step_ratios)[len(step_ratios) // 2], 3)
     if "peak_reserved_gib" in ok.get("a", {}) and "peak_reserved_gib" in ok.get("b", {}):
         summary["b_minus_a_peak_reserved_gib"] = round(ok["b"]["peak_reserved_gib"] - ok["a"]["peak_reserved_gib"], 3)
     return summary
@@ -469,8 +446,6 @@ def finish(report: dict, log: list[str], out_dir: Path) -> int:
         ratio = f"{r['ratio_to_a']:.3f}" if "ratio_to_a" in r else "-"
         table.add_row(name, r["label"], f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:.0f}", ratio, peak, f"{r['tokens_per_step']:.0f}", note)
     lines = [f"{k} / a, means of the runs: {v}" for k, v in summary.get("ratio_of_means_to_a", {}).items()]
-    if "b_over_a_step_by_step_median" in summary:
-        lines.append(f"b / a step by step (median): {summary['b_over_a_step_by_step_median']}")
     if "b_minus_a_peak_reserved_gib" in summary:
         lines.append(f"b - a peak reserved: {summary['b_minus_a_peak_reserved_gib']} GiB")
     table.caption = "; ".join(lines) + f"\nJSON: {out_dir / 'bench_seed.json'}"

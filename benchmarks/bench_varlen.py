@@ -523,41 +523,14 @@ def worker_raw_transformers(args: dict) -> dict:
 
 
 def qtune_setup(args: dict) -> dict:
-    """`qtune run` on a config (the seed's, pointed at the checkpoint and the rows, plus ``changes``);
-    figures from its metrics.jsonl and summary.json."""
-    work = Path(args["work"])
-    name = args["name"]
-    training = {"max_steps": args["warmup"] + args["timed"], "output_dir": str(work / "runs"), **args.get("training", {})}
-    model = {"name": args["model"], **args.get("model_changes", {})}
-    config = work / f"{name}.yaml"
-    config.write_text(json.dumps({"name": name, "model": model, "dataset": {"path": str(Path(args["assets"]) / "alpaca_en_demo.json")},
-                                  "training": training, "callbacks": ["memory_monitor"]}))
-    t0 = time.perf_counter()
-    command = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config), "--no-progress"]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.get("timeout", 200))
-    except subprocess.TimeoutExpired as exc:
-        return {"error": "timed out", "tail": str(exc.stdout or "")[-1500:]}
-    run_dir = work / "runs" / name
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("profile", "attention", "note"))]
-    if proc.returncode != 0:
-        return {"error": (proc.stdout + proc.stderr)[-1500:], "printed": lines}
-    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    timed = [r for r in records if r["step"] > args["warmup"] and r.get("tokens_per_second")]
-    tokens = [r["num_tokens"] for r in records]
-    deltas = [b - a for a, b in zip([0.0] + tokens[:-1], tokens, strict=True)]
-    by_step = dict(zip((r["step"] for r in records), deltas, strict=True))
-    seconds = sum(by_step[r["step"]] / r["tokens_per_second"] for r in timed)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {
-        "tokens_per_s": round(sum(by_step[r["step"]] for r in timed) / seconds, 1) if seconds else None,
-        "s_per_step": round(seconds / len(timed), 4) if timed else None,
-        "timed_steps": len(timed),
-        "peak_reserved_gib": summary.get("memory", {}).get("peak_reserved_gib"),
-        "attention": summary.get("attention"),
-        "printed": lines,
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
+    """`qtune run` on the seed's config pointed at the checkpoint and the rows (plus ``training`` and
+    ``model_changes``): :func:`checkpoints.run_qtune`'s figures."""
+    config = {"model": {"name": args["model"], **args.get("model_changes", {})}, "callbacks": ["memory_monitor"],
+              "dataset": {"path": str(Path(args["assets"]) / "alpaca_en_demo.json")},
+              "training": {"max_steps": args["warmup"] + args["timed"], **args.get("training", {})}}
+    result = checkpoints.run_qtune(Path(args["work"]), args["name"], config, args["warmup"], args.get("timeout", 200))
+    result.pop("config", None)
+    return result
 
 
 WORKERS = {"numerics_hf": worker_numerics_hf, "numerics_unsloth": worker_numerics_unsloth,

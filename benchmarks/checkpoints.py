@@ -7,12 +7,15 @@ test fixtures' (tests/assets.py), so tests and benchmarks build the same models.
 
     prepare()                         on the CPU machine: the tokenizer into .bench/tokenizer
     build(dest, "7B", nf4=True)       on the GPU machine: a checkpoint folder with that tokenizer
+    run_qtune(work, name, config)     there: `qtune run` on it in a subprocess, and its figures
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,3 +90,38 @@ def build(dest: Path, shape: str, nf4: bool = False, tokenizer_dir: Path | None 
             shutil.copy2(tokenizer_dir / name, dest / name)
     return {"shape": shape, "params": params, "nf4": nf4, "device": device, "build_s": round(time.perf_counter() - started, 1),
             "checkpoint_gib": round(sum(f.stat().st_size for f in dest.glob("*.safetensors")) / GIB, 3)}
+
+
+def run_qtune(work: Path, name: str, config: dict, warmup: int = 0, timeout: float = 240) -> dict:
+    """`qtune run` on ``config`` (written as the run's config file, with ``name`` and its runs under
+    ``work/runs``) in a subprocess. Returns what it printed about its plan (profile, attention and
+    note lines), the peak reserved GPU memory (the memory_monitor's, in summary.json), the attention
+    it used, the resolved config, and tokens/s and s/step over the steps after ``warmup`` (from
+    metrics.jsonl); ``error`` with the output's end when it failed."""
+    config = {**config, "name": name, "training": {**config.get("training", {}), "output_dir": str(Path(work) / "runs")}}
+    path = Path(work) / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    started = time.perf_counter()
+    command = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(path), "--no-progress"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return {"error": f"timed out after {timeout:.0f} s", "tail": str(exc.stdout or "")[-1500:]}
+    printed = [line for line in proc.stdout.splitlines() if line.startswith(("profile", "attention", "note"))]
+    result = {"rc": proc.returncode, "wall_s": round(time.perf_counter() - started, 1), "printed": printed}
+    if proc.returncode != 0:
+        return result | {"error": (proc.stdout + proc.stderr)[-1500:]}
+    run_dir = Path(work) / "runs" / name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # num_tokens is cumulative: each step's own tokens over its tokens_per_second is its time
+    totals = [r["num_tokens"] for r in records]
+    tokens = {r["step"]: total - before for r, total, before in zip(records, totals, [0] + totals[:-1], strict=True)}
+    timed = [r for r in records if r["step"] > warmup and r.get("tokens_per_second")]
+    seconds = sum(tokens[r["step"]] / r["tokens_per_second"] for r in timed)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return result | {
+        "tokens_per_s": round(sum(tokens[r["step"]] for r in timed) / seconds, 1) if seconds else None,
+        "s_per_step": round(seconds / len(timed), 4) if timed else None, "timed_steps": len(timed),
+        "peak_reserved_gib": summary.get("memory", {}).get("peak_reserved_gib"), "attention": summary.get("attention"),
+        "config": (run_dir / "config.yaml").read_text(),
+    }

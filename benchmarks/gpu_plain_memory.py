@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,27 +36,11 @@ ROW_TOKENS = 2048
 
 
 def qtune_run(name: str, model: Path, training: dict, lora: dict, timeout: float) -> dict:
-    """One `qtune run` with the transformers backend; its printed plan and summary.json's memory."""
-    config = WORK / f"{name}.yaml"
-    config.write_text(json.dumps({
-        "name": name, "model": {"name": str(model), "backend": "transformers", "attention": "varlen"},
-        "dataset": {"path": str(WORK / "alpaca.json")}, "lora": lora, "callbacks": ["memory_monitor"],
-        "training": {"max_steps": 3, "output_dir": str(WORK / "runs"), **training},
-    }))
-    started = time.perf_counter()
-    command = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config), "--no-progress"]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    printed = [line for line in proc.stdout.splitlines() if line.startswith(("profile", "attention", "note"))]
-    result = {"rc": proc.returncode, "wall_s": round(time.perf_counter() - started, 1), "printed": printed}
-    if proc.returncode != 0:
-        return result | {"error": (proc.stdout + proc.stderr)[-600:]}
-    summary = json.loads((WORK / "runs" / name / "summary.json").read_text())
-    resolved = (WORK / "runs" / name / "config.yaml").read_text()
-    return result | {"peak_reserved_gib": summary.get("memory", {}).get("peak_reserved_gib"), "attention": summary.get("attention"),
-                     "config": resolved}
+    """One `qtune run` of 3 steps with the transformers backend (:func:`checkpoints.run_qtune`)."""
+    config = {"model": {"name": str(model), "backend": "transformers", "attention": "varlen"}, "lora": lora,
+              "dataset": {"path": str(WORK / "alpaca.json")}, "callbacks": ["memory_monitor"],
+              "training": {"max_steps": 3, **training}}
+    return checkpoints.run_qtune(WORK, name, config, timeout=timeout)
 
 
 def main() -> int:
