@@ -39,7 +39,7 @@ GIB = 1024**3
 DATA_REPEAT = 2
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = {"a": "Unsloth notebook (packing off)", "b": "qtune run, seed config", "c": "qtune run, fast profile",
-          "d": "transformers+peft+bnb, sdpa, grad ckpt", "e": "(b) from a frame with stack room"}
+          "d": "transformers+peft+bnb, sdpa, grad ckpt"}
 
 # The notebook's prompt, byte for byte.
 ALPACA_PROMPT = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
@@ -268,16 +268,6 @@ def worker_build(dest: str, shape: str) -> None:
     print(json.dumps(facts | {name: installed.get(name) for name in names} | {"cuda": torch.version.cuda}))
 
 
-def call_with_frame_room(function, *args, **kwargs):
-    """``function(*args)`` from a frame that reserves ~512 KiB of CPython's frame stack (its
-    co_stacksize raised below): its chunk then has room for every frame the call makes, so no call
-    maps and unmaps a new 16 KiB chunk (python/cpython#142183; qtune had this until 4cf1a7a)."""
-    return function(*args, **kwargs)
-
-
-call_with_frame_room.__code__ = call_with_frame_room.__code__.replace(co_stacksize=call_with_frame_room.__code__.co_stacksize + (1 << 16))
-
-
 # --------------------------------------------------------------------------- the run's parent
 
 
@@ -309,10 +299,8 @@ def setup_job(setup: str, opts, env: dict, model: Path, data: Path) -> dict:
         cmd = [sys.executable, __file__, "_notebook" if letter == "a" else "_transformers", args]
     else:
         config = WORK / f"config-{setup}.yaml"
-        qtune_config(config, f"bench-{setup}", model, data, opts.steps, "fast" if letter == "c" else "seed", opts.shape == "tiny")
+        qtune_config(config, f"bench-{setup}", model, data, opts.steps, "seed" if letter == "b" else "fast", opts.shape == "tiny")
         cmd = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
-        if letter == "e":
-            cmd = [sys.executable, __file__, "_framed", "run", str(config)]
     return {"cmd": cmd, "env": dict(env, BENCH_RESULT=str(result_file)), "result_file": result_file, "label": SETUPS[letter]}
 
 
@@ -418,7 +406,7 @@ def summarize(results: dict) -> dict:
     to a), the means of the repeats, and the peak memory's difference."""
     ok = {name: r for name, r in results.items() if r.get("tokens_per_s")}
     for name, r in ok.items():
-        pair = ok.get("a" + name[1:]) if name[0] in "be" else None
+        pair = ok.get("a" + name[1:]) if name[0] == "b" else None
         if base := pair or ok.get("a"):
             r["ratio_to_a"] = r["tokens_per_s"] / base["tokens_per_s"]
     runs: dict[str, list[float]] = {}
@@ -467,10 +455,6 @@ def finish(report: dict, log: list[str], out_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_framed"]:
-        from qtune_cli.main import main as qtune_main
-
-        return call_with_frame_room(qtune_main, argv[1:])
     if argv[:1] == ["_build"]:
         worker_build(argv[1], argv[2])
         return 0
@@ -496,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.warmup >= opts.steps:
         parser.error("--warmup must be below --steps: no step would be timed")
     if unknown := [m for m in opts.setups.replace("+", ",").split(",") if m.strip().rstrip("0123456789") not in SETUPS]:
-        parser.error(f"unknown setup {unknown[0]!r}: use a, b, c, d or e, with digits for repeats (a2) and + for turns (a+b)")
+        parser.error(f"unknown setup {unknown[0]!r}: use a, b, c or d, with digits for repeats (a2) and + for turns (a+b)")
     return run(opts)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QtuneError
+from .frame_room import call_with_frame_room
 from .memory import current_memory_gib
 from .run import CHECKPOINTS_DIR, RunContext, last_complete_checkpoint
 from .types import TrainingCallback
@@ -414,7 +415,7 @@ def train(
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = call_with_frame_room(trainer.train, resume_from_checkpoint=resume_from)
     except Exception as error:
         if is_out_of_memory(error):
             raise out_of_memory_error(error, run.config) from None
