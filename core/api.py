@@ -24,7 +24,17 @@ from .models import cache_dir
 from .profiles import FUSED_KERNELS, PLAIN_KERNELS, MemoryTraits, ModelShape, seed_memory_gib
 from .quantization import DTYPES, disable_bnb_cpu_repacking, nf4_config, torch_dtype, training_quantization
 from .run import ADAPTER_DIR, CHECKPOINTS_DIR, RUNNING_FILE, FinishedRun, RunContext, last_complete_checkpoint, read_metrics
-from .types import Backend, ChatTemplate, DatasetLoader, Exporter, ExportResult, ModelEntry, PromptTemplate, TrainingCallback
+from .types import (
+    Backend,
+    ChatTemplate,
+    DataFormat,
+    DatasetLoader,
+    Exporter,
+    ExportResult,
+    ModelEntry,
+    PromptTemplate,
+    TrainingCallback,
+)
 from .verify import (
     PromptResult,
     Reference,
@@ -38,7 +48,7 @@ from .verify import (
 
 __all__ = [
     "ADAPTER_DIR", "CHECKPOINTS_DIR", "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "GIB", "PLAIN_KERNELS", "RUNNING_FILE",
-    "Backend", "ChatTemplate", "ConfigError", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun", "MemoryTraits",
+    "Backend", "ChatTemplate", "ConfigError", "DataFormat", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun", "MemoryTraits",
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_capability", "cuda_device_count", "cuda_if_present",
     "cuda_total_memory_gib", "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line",

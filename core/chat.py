@@ -1,7 +1,8 @@
-"""Conversations: dataset formats, rendering with a chat template, and the assistant-turn masks.
+"""Conversations: the order of their roles, rendering with a chat template, and the assistant-turn masks.
 
-A conversation row becomes a list of messages ``{"role", "content"}`` (plus ``tool_calls`` on an
-assistant message) and an optional list of tool schemas; :func:`tokenize_conversation` renders it
+A data format (a plugin: :class:`qtune.types.DataFormat`) turns a row into a list of messages
+``{"role", "content"}`` (plus ``tool_calls`` on an assistant message) and an optional list of tool
+schemas; :func:`tokenize_conversation` renders it
 once with the run's :class:`qtune.types.ChatTemplate`, tokenizes the text and labels every token of
 every assistant turn (its end-of-turn token included); the rest is -100.
 
@@ -30,71 +31,20 @@ from .errors import QtuneError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
-#: ShareGPT speaker names (``from``) and the roles they become. ``function_call`` is the assistant
-#: calling a tool (its text is the call) and ``observation`` the tool's answer, as in LLaMA-Factory.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "function_call": "assistant",
-    "tool": "tool",
-    "observation": "tool",
-    "function": "tool",
-}
-FORMATS = ("auto", "alpaca", "messages", "sharegpt")
-#: the columns a conversation may come in, by format (``dataset.fields.messages`` names another)
-CONVERSATION_COLUMNS = {"messages": "messages", "sharegpt": "conversations"}
-#: columns qtune writes for a conversation dataset
+#: the columns of conversation rows, as data formats return them (:class:`qtune.types.DataFormat`)
 MESSAGES, TOOLS = "messages", "tools"
 #: a problem found while reading a conversation row (empty when none); preflight reports it
 PROBLEM_COLUMN = "_qtune_problem"
 
 
-# --------------------------------------------------------------------------- formats
+def conversation_features():
+    """The ``datasets.Features`` of conversation rows as a data format returns them: ``messages``
+    (role, content, tool_calls as strings), ``tools`` (JSON text) and ``problem`` (what is wrong
+    with the row, or "")."""
+    import datasets
 
-
-def detect_format(columns: list[str], fields: dict[str, str], first_row: Optional[dict] = None) -> str:
-    """``messages``, ``sharegpt`` or ``alpaca`` from a dataset's columns (and its first conversation)."""
-    column = fields.get(MESSAGES)
-    if column is None:
-        column = next((c for c in ("messages", "conversations") if c in columns), None)
-    if column is None or column not in columns:
-        return "alpaca"
-    turns = (first_row or {}).get(column)
-    if isinstance(turns, list) and turns and isinstance(turns[0], dict):
-        if "from" in turns[0] or "value" in turns[0]:
-            return "sharegpt"
-        if "role" in turns[0]:
-            return "messages"
-    return "sharegpt" if column == "conversations" else "messages"
-
-
-def conversation_column(fmt: str, fields: dict[str, str]) -> str:
-    return fields.get(MESSAGES, CONVERSATION_COLUMNS[fmt])
-
-
-def _text_content(content: Any) -> tuple[Optional[str], str]:
-    """(text, problem): a string as is; a list of parts joined when every part is text."""
-    if content is None:
-        return None, ""
-    if isinstance(content, str):
-        return content, ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind is not None and kind != "text":
-                return None, f"holds a {kind!r} part; only text conversations are supported"
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                return None, "holds content that is not text; only text conversations are supported"
-        return "".join(texts), ""
-    return None, f"holds {type(content).__name__} content, not text; only text conversations are supported"
+    text = datasets.Value("string")
+    return datasets.Features({MESSAGES: [{"role": text, "content": text, "tool_calls": text}], TOOLS: text, "problem": text})
 
 
 def _parse_json(value: Any) -> Any:
@@ -106,54 +56,7 @@ def _parse_json(value: Any) -> Any:
     return value
 
 
-def _tool_schema(tool: Any) -> Any:
-    # LLaMA-Factory and others list bare function schemas; templates expect OpenAI's wrapper.
-    if isinstance(tool, dict) and "name" in tool and "type" not in tool:
-        return {"type": "function", "function": tool}
-    return tool
-
-
-def normalize_conversation(row: dict, fmt: str, fields: dict[str, str]) -> dict[str, Any]:
-    """One dataset row as ``{messages, tools, problem}``: messages with roles mapped, text content,
-    tool calls and tools as JSON text (so every row has the same Arrow type); ``problem`` says what
-    is wrong with the row (empty when nothing), for preflight to report."""
-    turns = row.get(conversation_column(fmt, fields))
-    tools = _parse_json(row.get(fields.get(TOOLS, TOOLS)))
-    tools_json = json.dumps([_tool_schema(t) for t in tools]) if isinstance(tools, list) and tools else ""
-    messages: list[dict[str, str]] = []
-    if not isinstance(turns, list) or not turns:
-        return {MESSAGES: [], TOOLS: tools_json, PROBLEM_COLUMN: "has no messages"}
-    problem = ""
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            problem = problem or f"message {index} is not an object"
-            continue
-        if fmt == "sharegpt":
-            speaker = turn.get("from")
-            role = SHAREGPT_ROLES.get(str(speaker).lower()) if speaker is not None else None
-            if role is None:
-                problem = problem or (f"message {index} is from {speaker!r}; ShareGPT speakers are "
-                                      f"{', '.join(sorted(SHAREGPT_ROLES))}")
-                continue
-            raw = turn.get("value")
-        else:
-            role = turn.get("role")
-            if role not in ROLES:
-                problem = problem or f"message {index} has role {role!r}; roles are {', '.join(ROLES)}"
-                continue
-            raw = turn.get("content")
-        text, issue = _text_content(raw)
-        calls = turn.get("tool_calls") if fmt != "sharegpt" else None
-        if fmt == "sharegpt" and str(speaker).lower() == "function_call":
-            call = _parse_json(text)
-            if isinstance(call, dict) and "name" in call:  # a structured call, as the model's template writes them
-                calls, text = [{"type": "function", "function": call}], ""
-        if issue:
-            problem = problem or f"message {index} ({role}) {issue}"
-        elif (text is None or not text.strip()) and not calls:
-            problem = problem or f"message {index} ({role}) is empty"
-        messages.append({"role": role, "content": text or "", "tool_calls": json.dumps(calls) if calls else ""})
-    return {MESSAGES: messages, TOOLS: tools_json, PROBLEM_COLUMN: problem}
+# --------------------------------------------------------------------------- checks
 
 
 def order_problem(messages: list[dict]) -> str:

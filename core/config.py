@@ -58,9 +58,10 @@ class DatasetConfig(Section):
     #: hub dataset configuration name
     subset: Optional[str] = None
     split: str = "train"
-    #: auto: conversations when a `messages` or `conversations` column is there, else instruction
-    #: rows (alpaca: the template's fields); messages: OpenAI role/content; sharegpt: from/value
-    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    #: a data format plugin's name (`qtune plugins` lists them); built in: alpaca (instruction rows:
+    #: the template's fields), messages (OpenAI role/content), sharegpt (from/value). auto: messages
+    #: or sharegpt when a `messages` or `conversations` column is there, else alpaca
+    format: str = "auto"
     #: template field -> column in the data (conversations: `messages` and `tools` -> column)
     fields: dict[str, str] = Field(default_factory=dict)
     #: use only the first N rows (after shuffling when shuffle is on)
@@ -385,6 +386,8 @@ def check_plugin_names(config: Config) -> None:
         checks.append(("model.backend", config.model.backend, host.backends))
     if config.dataset.loader != "auto":
         checks.append(("dataset.loader", config.dataset.loader, host.dataset_loaders))
+    if config.dataset.format != "auto":
+        checks.append(("dataset.format", config.dataset.format, host.data_formats))
     checks += [(f"callbacks[{i}].name", c.name, host.callbacks) for i, c in enumerate(config.callbacks)]
     for path, name, registry in checks:
         if name not in registry:

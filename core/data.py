@@ -48,8 +48,9 @@ def pick_loader(config: Config):
 
 
 def read_rows(config: Config, template: PromptTemplate):
-    """The dataset's rows as loaded, renamed to the template's field names, each with its index in
-    :data:`ROW_COLUMN`. Refuses a missing split, no rows, and missing columns."""
+    """The dataset's rows as loaded, then as its data format gives them (the template's fields, or
+    conversations), each with its index in :data:`ROW_COLUMN`. Refuses a missing split, no rows,
+    missing columns, and conversations for an instruction template."""
     from .plugin_manager import get_host
 
     spec = config.dataset
@@ -64,62 +65,60 @@ def read_rows(config: Config, template: PromptTemplate):
         raise QtuneError(f"dataset {spec.path or spec.loader!r} has no rows; point dataset.path at data with examples")
     _check_utf8(rows, spec)  # before anything reads a row: pyarrow keeps invalid bytes until then
     fmt = data_format(rows, spec)
-    if fmt == "alpaca":
-        rows = rename_fields(rows, template, spec.fields)
-    else:
-        rows = conversation_rows(rows, template, fmt, spec)
+    host = get_host()
+    if fmt.conversations and not isinstance(template, ChatTemplate):
+        raise QtuneError(
+            f"dataset {spec.path or spec.loader!r} holds conversations ({fmt.name} format) and template {template.name!r} "
+            f"renders instruction rows; set template: chat (the model's own chat template) or a built-in chat template "
+            f"such as chatml, qwen2.5, llama-3.1, mistral-v0.3, mistral-nemo, phi-3.5 or gemma"
+        )
+    with host.guard_item(host.data_formats, fmt.name, f"reading the dataset as {fmt.name!r} rows"):
+        rows = fmt.rows(rows, template, spec)
+    if fmt.conversations:
+        rows = checked_conversations(rows, host.plugin_label(host.data_formats.owners.get(fmt.name, "?")))
     return rows.add_column(ROW_COLUMN, list(range(len(rows))))
 
 
-def data_format(rows, spec) -> str:
-    """dataset.format, with ``auto`` resolved from the columns (and the first conversation's keys)."""
-    from .chat import detect_format
+def data_format(rows, spec):
+    """The :class:`qtune.types.DataFormat` of dataset.format, ``auto`` resolved by :func:`detect_format`."""
+    from .plugin_manager import get_host
 
     if spec.format != "auto":
-        return spec.format
-    return detect_format(rows.column_names, spec.fields, dict(rows[0]) if len(rows) else None)
+        return get_host().data_formats.get(spec.format)
+    found = detect_format(rows.column_names, spec.fields, dict(rows[0]) if len(rows) else None)
+    if found is None:
+        raise QtuneError(f"no data format recognises the columns {', '.join(sorted(rows.column_names))}; set dataset.format")
+    return found
 
 
-def conversation_rows(rows, template: PromptTemplate, fmt: str, spec):
-    """Conversation rows as ``messages`` (role, content, tool_calls), ``tools`` (JSON text) and a
-    problem column preflight reports (see :func:`qtune.chat.normalize_conversation`)."""
-    import datasets
+def detect_format(columns: list[str], fields: dict[str, str], first_row: Optional[dict], conversations: bool = False):
+    """The highest-priority data format whose ``detect`` recognises these columns (and first row),
+    among the conversation formats only with ``conversations``; None when none does."""
+    from .plugin_manager import get_host
 
-    from .chat import MESSAGES, PROBLEM_COLUMN, TOOLS, conversation_column, normalize_conversation, order_problem
+    host = get_host()
+    formats = [host.data_formats.get(name) for name in host.data_formats.items]  # registration order: built-ins first
+    found = []
+    for fmt in formats:
+        if conversations and not fmt.conversations:
+            continue
+        with host.guard_item(host.data_formats, fmt.name, f"detecting the {fmt.name!r} format"):
+            if fmt.detect(columns, fields, first_row):
+                found.append(fmt)
+    return max(found, key=lambda f: f.auto_priority) if found else None
 
-    where = f"dataset {spec.path or spec.loader!r}"
-    column = conversation_column(fmt, spec.fields)
-    if not isinstance(template, ChatTemplate):
-        raise QtuneError(
-            f"{where} holds conversations ({fmt} format, column {column!r}) and template {template.name!r} renders "
-            f"instruction rows; set template: chat (the model's own chat template) or a built-in chat template "
-            f"such as chatml, qwen2.5, llama-3.1, mistral-v0.3, mistral-nemo, phi-3.5 or gemma"
-        )
-    unknown = set(spec.fields) - {MESSAGES, TOOLS}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise QtuneError(
-            f"dataset.fields.{name}: conversation data ({fmt} format) maps only `messages` (the conversation column) "
-            f"and `tools`; remove dataset.fields.{name}"
-        )
-    if column not in rows.column_names:
-        raise QtuneError(
-            f"{where} lacks column {column!r} for the {fmt} format (columns: {', '.join(sorted(rows.column_names))}); "
-            f"map it with dataset.fields.messages: <column>, or set dataset.format"
-        )
-    features = datasets.Features({
-        MESSAGES: [{"role": datasets.Value("string"), "content": datasets.Value("string"), "tool_calls": datasets.Value("string")}],
-        TOOLS: datasets.Value("string"),
-        PROBLEM_COLUMN: datasets.Value("string"),
-    })
 
-    def normalize(row):
-        result = normalize_conversation(row, fmt, spec.fields)
-        if not result[PROBLEM_COLUMN]:
-            result[PROBLEM_COLUMN] = order_problem(result[MESSAGES])
-        return result
+def checked_conversations(rows, plugin: str):
+    """A conversation format's rows with the problem column the core reads, and the order of the
+    roles checked where the format found nothing wrong (:func:`qtune.chat.order_problem`). A second
+    pass over the rows, so that a third party's format gets the same check as the built-ins."""
+    from .chat import MESSAGES, PROBLEM_COLUMN, TOOLS, order_problem
 
-    return rows.map(normalize, remove_columns=rows.column_names, features=features, desc=None)
+    if not {MESSAGES, TOOLS, "problem"} <= set(rows.column_names):
+        raise QtuneError(f"{plugin} returned conversation rows without `messages`, `tools` and `problem` columns "
+                         f"(it gave {', '.join(sorted(rows.column_names))}); fix the plugin (docs/plugins.md, register_data_formats)")
+    rows = rows.rename_column("problem", PROBLEM_COLUMN)
+    return rows.map(lambda row: {PROBLEM_COLUMN: row[PROBLEM_COLUMN] or order_problem(row[MESSAGES])}, desc=None)
 
 
 def _check_utf8(rows, spec) -> None:
@@ -172,32 +171,6 @@ def load_rows(config: Config, template: PromptTemplate):
     """The dataset's rows, renamed to the template's field names and checked. Returns (train, held_out)."""
     source = eval_source(config)
     return split_rows(read_rows(config, template), config, read_rows(source, template) if source else None)
-
-
-def rename_fields(rows, template: PromptTemplate, mapping: dict[str, str]):
-    unknown = set(mapping) - set(template.fields) - set(template.optional_fields)
-    if unknown:
-        name = sorted(unknown)[0]
-        raise QtuneError(
-            f"dataset.fields.{name}: template {template.name!r} has no field {name!r}; "
-            f"its fields are {', '.join(template.fields + template.optional_fields)}"
-        )
-    columns = set(rows.column_names)
-    renames = {}
-    for field in template.fields + template.optional_fields:
-        column = mapping.get(field, field)
-        if column not in columns:
-            if field in template.optional_fields and field not in mapping:
-                continue
-            raise QtuneError(
-                f"dataset lacks column {column!r} for template field {field!r} (columns: {', '.join(sorted(columns))}); "
-                f"map it with dataset.fields.{field}: <column>"
-            )
-        if column != field:
-            renames[column] = field
-    keep = [f for f in template.fields + template.optional_fields if mapping.get(f, f) in columns]
-    rows = rows.select_columns([c for c in rows.column_names if c in {mapping.get(f, f) for f in keep}])
-    return rows.rename_columns(renames) if renames else rows
 
 
 @dataclass

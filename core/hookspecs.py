@@ -22,6 +22,11 @@ def register_dataset_loaders(register):
 
 
 @hookspec
+def register_data_formats(register):
+    """Register dataset row formats: ``register(data_format)`` with a :class:`qtune.types.DataFormat`."""
+
+
+@hookspec
 def register_models(register):
     """Register catalogue models: ``register(entry)`` with a :class:`qtune.types.ModelEntry`."""
 

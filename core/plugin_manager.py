@@ -32,6 +32,7 @@ from .errors import QtuneError, describe
 BUILTIN_PLUGINS = (
     "qtune.plugins.templates",
     "qtune.plugins.datasets",
+    "qtune.plugins.data_formats",
     "qtune.plugins.models",
     "qtune.plugins.demo_model",
     "qtune.plugins.transformers_backend",
@@ -125,6 +126,7 @@ class PluginHost:
             self.pm.enable_tracing()
         self.templates = self._collect("template", "register_templates")
         self.dataset_loaders = self._collect("dataset loader", "register_dataset_loaders")
+        self.data_formats = self._collect("data format", "register_data_formats")
         self.models = self._collect("model", "register_models")
         self.backends = self._collect("backend", "register_backends")
         self.callbacks = self._collect("callback", "register_callbacks")

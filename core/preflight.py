@@ -69,9 +69,16 @@ class Report:
     #: :func:`qtune.data.encode_rows` of the training rows (with the check columns)
     encoded: Any = None
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the exception behind the first error that came from one (a plugin's): --debug prints it
+    cause: Optional[BaseException] = None
 
     def add(self, level: str, where: str, what: str, fix: str = "") -> None:
         self.findings.append(Finding(level, where, what, fix))
+
+    def add_error(self, error: QtuneError) -> None:
+        """A QtuneError as an error finding, keeping what caused it for --debug."""
+        self.add(ERROR, "", str(error))
+        self.cause = self.cause or error.__cause__
 
     @property
     def errors(self) -> list[Finding]:
@@ -83,7 +90,7 @@ class Report:
 
     def raise_for_errors(self) -> None:
         if self.errors:
-            raise PreflightError(self.errors)
+            raise PreflightError(self.errors) from self.cause
 
     def to_json(self) -> dict[str, Any]:
         return {"findings": [{"level": f.level, "message": str(f)} for f in self.findings], "data": self.stats}
@@ -432,7 +439,7 @@ def _read_checked(report: Report, config: Config, where: str, path_key: str):
     try:
         rows = read_rows(config, template)
     except QtuneError as exc:
-        report.add(ERROR, "", str(exc))
+        report.add_error(exc)
         return None
     indices = rows[ROW_COLUMN]
     columns = {f: spec.fields.get(f, f) for f in template.fields}

@@ -160,6 +160,46 @@ class DatasetLoader:
         raise NotImplementedError
 
 
+class DataFormat:
+    """A shape of dataset rows (``dataset.format``): turns the rows a loader returned into what the
+    template trains on.
+
+    An instruction format (``conversations = False``) implements :meth:`rows`, returning rows with
+    the template's fields as columns. A conversation format implements :meth:`conversation`, one row
+    at a time; the core then checks the order of the roles, so a format need not.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: rows become conversations, which need a chat template
+    conversations: ClassVar[bool] = False
+    #: ``dataset.format: auto`` takes the format with the highest priority whose :meth:`detect` says yes
+    auto_priority: ClassVar[int] = 0
+
+    def detect(self, columns: list[str], fields: Mapping[str, str], first_row: Mapping[str, Any] | None) -> bool:
+        """Whether rows with these ``columns`` (``first_row`` is the first of them, ``fields`` is
+        ``dataset.fields``) are in this format."""
+        return False
+
+    def rows(self, rows: Any, template: PromptTemplate, spec: Any) -> Any:
+        """``rows`` (a ``datasets.Dataset``) as the template trains on them; ``spec`` is the config's
+        ``dataset`` section. Raise QtuneError for a missing column or a ``dataset.fields`` key that
+        the format does not map. For a conversation format: :meth:`conversation` of every row."""
+        if not self.conversations:
+            raise NotImplementedError
+        from .chat import conversation_features
+
+        return rows.map(lambda row: self.conversation(row, spec.fields), remove_columns=rows.column_names,
+                        features=conversation_features(), desc=None)
+
+    def conversation(self, row: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+        """One row as ``{"messages": [...], "tools": "...", "problem": "..."}``: messages
+        ``{"role", "content", "tool_calls"}`` (roles system, user, assistant, tool; content text;
+        tool_calls a JSON list or ""), tools a JSON list of tool schemas or "", and problem what is
+        wrong with the row ("" when nothing: preflight lists such rows, training refuses them)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A short model name. ``source`` is a hub id; ``materialize`` (instead) builds a local

@@ -78,7 +78,9 @@ def read_conversation(source: str) -> tuple[list[dict], list | None]:
     """A conversation from a JSON file (or ``-``: stdin): a list of messages, or an object with
     ``messages`` (OpenAI roles) or ``conversations`` (ShareGPT) and optional ``tools``. It must end
     in a message for the model to answer (user or tool)."""
-    from qtune.chat import detect_format, normalize_conversation, order_problem, row_tools, template_messages
+    from qtune.chat import order_problem, row_tools, template_messages
+    from qtune.data import detect_format
+    from qtune.plugin_manager import get_host
 
     where = "stdin" if source == "-" else repr(source)
     try:
@@ -94,12 +96,13 @@ def read_conversation(source: str) -> tuple[list[dict], list | None]:
     row = {"messages": data} if isinstance(data, list) else data
     if not isinstance(row, dict):
         raise QtuneError(f"conversation {where} must be a list of messages or an object with `messages`")
-    fmt = detect_format(list(row), {}, row)
-    if fmt == "alpaca":
+    fmt = detect_format(list(row), {}, row, conversations=True)
+    if fmt is None:
         raise QtuneError(f"conversation {where} has no `messages` or `conversations`; give a list of {{\"role\", \"content\"}} messages")
-    normal = normalize_conversation(row, fmt, {})
+    with get_host().guard_item(get_host().data_formats, fmt.name, f"reading the conversation as {fmt.name!r}"):
+        normal = fmt.conversation(row, {})
     messages = normal["messages"]
-    problem = normal["_qtune_problem"]
+    problem = normal["problem"]
     if not problem and messages and messages[-1]["role"] == "assistant":
         problem = "ends in an assistant turn; add the message to answer"
     if not problem:

@@ -85,8 +85,11 @@ def _load(config_path, overrides):
     return load_config(config_path, tuple(overrides))
 
 
-def _exit_with_findings(findings) -> None:
-    """Print preflight errors, one line each on stderr, and exit non-zero."""
+def _exit_with_findings(findings, cause: BaseException | None = None) -> None:
+    """Print preflight errors, one line each on stderr, and exit non-zero; with --debug, first the
+    traceback of the exception behind them (a plugin's)."""
+    if cause is not None:
+        print_traceback(cause)
     for finding in findings:
         click.echo(f"Error: {finding}", err=True)
     raise click.exceptions.Exit(1)
@@ -138,7 +141,7 @@ def run(config_path: Path | None, overrides: tuple[str, ...], resume_dir: Path |
     try:
         ctx = run_pipeline(config, out, extra_callbacks=extra, resume=resume_dir)
     except PreflightError as error:
-        _exit_with_findings(error.findings)
+        _exit_with_findings(error.findings, error.__cause__)
     _print_summary(out, ctx)
 
 
@@ -161,7 +164,7 @@ def _launch(config, resume_dir: Path | None, request, progress: bool) -> None:
         try:
             _, run_dir = prepare_run(config, out, chosen)
         except PreflightError as error:
-            _exit_with_findings(error.findings)
+            _exit_with_findings(error.findings, error.__cause__)
         worker_args = ["run", str(run_dir / "config.yaml")]
     if not progress:
         worker_args.append("--no-progress")
@@ -335,7 +338,7 @@ def plugins(as_json: bool):
         table.add_row(row["name"], row["distribution"], row["version"], ", ".join(row["hooks"]))
     out = console()
     out.print(table)
-    registries = [host.templates, host.dataset_loaders, host.models, host.backends, host.callbacks, host.exporters]
+    registries = [host.templates, host.dataset_loaders, host.data_formats, host.models, host.backends, host.callbacks, host.exporters]
     for registry in registries:
         out.print(f"[bold]{registry.kind}s:[/] {', '.join(registry) or '-'}")
 
@@ -358,7 +361,7 @@ def validate(config_path: Path, overrides: tuple[str, ...], show: int):
     if show:
         show_examples(report, show, out)
     if report.errors:
-        _exit_with_findings(report.errors)
+        _exit_with_findings(report.errors, report.cause)
     stats = report.stats
     click.echo(
         f"{config_path}: valid ({stats.get('examples', 0)} training examples, {stats.get('trained_tokens', 0):,} of "

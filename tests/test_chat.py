@@ -12,8 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from qtune.chat import IGNORE_INDEX, detect_format, normalize_conversation, order_problem, template_messages
-from qtune.data import tokenize_chat_example
+from qtune.chat import IGNORE_INDEX, order_problem, template_messages
+from qtune.data import detect_format, tokenize_chat_example
 from qtune.plugin_manager import get_host
 from qtune.types import ChatTemplate
 
@@ -260,13 +260,14 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_for_prefix_masks(qwen
 
 def test_sharegpt_speakers_become_roles_and_function_calls_become_tool_calls():
     rows = json.loads((DATA / "sharegpt_toolcall.json").read_text())
-    assert detect_format(list(rows[0]), {}, rows[0]) == "sharegpt"
-    normal = normalize_conversation(rows[0], "sharegpt", {})
+    sharegpt = detect_format(list(rows[0]), {}, rows[0])
+    assert sharegpt.name == "sharegpt"
+    normal = sharegpt.conversation(rows[0], {})
     assert [m["role"] for m in normal["messages"]] == ["user", "assistant", "tool", "assistant"] * 2
     assert json.loads(normal["messages"][1]["tool_calls"]) == [
         {"type": "function", "function": {"name": "get_exchange_rate", "arguments": {"base": "USD", "target": "EUR"}}}]
     assert json.loads(normal["tools"])[0]["function"]["name"] == "get_exchange_rate"  # bare schemas wrapped
-    assert normal["_qtune_problem"] == "" and order_problem(normal["messages"]) == ""
+    assert normal["problem"] == "" and order_problem(normal["messages"]) == ""
     # a template without tools gets the call as the assistant's text
     assert template_messages(normal["messages"], tools_rendered=False)[1]["content"] == (
         '{"name": "get_exchange_rate", "arguments": {"base": "USD", "target": "EUR"}}')
@@ -291,7 +292,7 @@ def test_roles_out_of_order_are_named(messages, problem):
 ])
 def test_empty_and_non_text_content_are_named(content, problem):
     row = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
-    assert problem in normalize_conversation(row, "messages", {})["_qtune_problem"]
+    assert problem in get_host().data_formats.get("messages").conversation(row, {})["problem"]
 
 
 def test_validate_show_styles_exactly_the_assistant_turns(templates, qwen_tokenizer):

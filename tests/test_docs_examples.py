@@ -40,7 +40,7 @@ def doc_run(tmp_path_factory, tiny_qwen_dir, plugin_dir):
 def test_the_examples_register_what_the_docs_say(plugin_dir):
     result = run_qtune("plugins", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
     assert result.returncode == 0, result.stderr
-    for name in ("vicuna-docs", "qa-lines", "my-qwen-0.5b", "fp32-docs", "loss_csv", "lora-fp16"):
+    for name in ("vicuna-docs", "qa-lines", "turns", "my-qwen-0.5b", "fp32-docs", "loss_csv", "lora-fp16"):
         assert name in result.stdout
     models = json.loads(run_qtune("models", "--json", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)}).stdout)
     mine = next(row for row in models if row["name"] == "my-qwen-0.5b")
@@ -102,6 +102,15 @@ FAILING = {
     "register": ("from qtune.api import hookimpl\n\n@hookimpl\ndef register_templates(register):\n    raise KeyError('oops')\n",
                  ["plugins"], "failed in register_templates: KeyError: 'oops'"),
     "import": ("import qtune_no_such_module\n", ["plugins"], "failed in loading: ModuleNotFoundError"),
+    "loader": ("from qtune.api import DatasetLoader, hookimpl\n\nclass L(DatasetLoader):\n    name = 'bad'\n"
+               "    def load(self, spec):\n        return 1 / 0\n\n"
+               "@hookimpl\ndef register_dataset_loaders(register):\n    register(L())\n",
+               ["validate", "{config}", "--set", "dataset.loader=bad"],
+               "failed in loading the dataset with loader 'bad': ZeroDivisionError: division by zero"),
+    "data format": ("from qtune.api import DataFormat, hookimpl\n\nclass F(DataFormat):\n    name = 'bad'\n"
+                    "    def detect(self, columns, fields, first_row):\n        return first_row['nope']\n\n"
+                    "@hookimpl\ndef register_data_formats(register):\n    register(F())\n",
+                    ["validate", "{config}"], "failed in detecting the 'bad' format: KeyError: 'nope'"),
     "export": ("from qtune.api import Exporter, hookimpl\n\nclass E(Exporter):\n    name = 'bad'\n"
                "    def export(self, run, out_dir, quantization):\n        return 1 / 0\n\n"
                "@hookimpl\ndef register_exporters(register):\n    register(E())\n",
@@ -123,7 +132,15 @@ def test_a_failing_plugin_ends_in_one_line_naming_it(where, doc_run, tmp_path):
     env = {"QTUNE_PLUGINS_DIR": str(tmp_path)}
 
     def command(attempt):
-        return [{"{run}": str(doc_run), "{out}": str(tmp_path / f"out-{attempt}")}.get(a, a) for a in args]
+        return [{"{run}": str(doc_run), "{out}": str(tmp_path / f"out-{attempt}"), "{config}": str(config)}.get(a, a) for a in args]
+
+    # a config of the built-ins alone, on the docs run's base model and Alpaca rows
+    import yaml
+
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(ALPACA_ROWS), encoding="utf-8")
+    base = yaml.safe_load((doc_run / "config.yaml").read_text())["model"]["name"]
+    config = tiny_run_config(tmp_path, base, data)
 
     result = run_qtune(*command(1), env=env)
     if where == "verify":  # the export itself succeeded and said so; the error is the last line
@@ -135,3 +152,31 @@ def test_a_failing_plugin_ends_in_one_line_naming_it(where, doc_run, tmp_path):
     assert expected in line
     debug = run_qtune("--debug", *command(2), env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and expected in debug.stderr
+
+
+TURNS_ROWS = [
+    {"system": "Be brief.", "turns": ["Hi", "Hello!", "What is 2+2?", "4"]},
+    {"system": "", "turns": ["Name a colour.", "Blue."]},
+    {"system": "", "turns": ["Only a question"]},
+    {"system": "", "turns": ["Q", "  "]},
+]
+
+
+def test_the_docs_data_format_reads_conversations(plugin_dir, tiny_qwen_dir, tmp_path):
+    # A JSONL file nobody mapped: `dataset.format: auto` takes the docs' turns format from its column.
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in TURNS_ROWS), encoding="utf-8")
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, template="chatml")
+    env = {"QTUNE_PLUGINS_DIR": str(plugin_dir), "COLUMNS": "200"}
+    result = run_qtune("validate", config, "--show", "1", env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out
+    # the format's own finding, and the core's order check on a row the format found nothing wrong with
+    assert "row 3" in out and "has an empty turn (turn 1)" in out, out
+    assert "row 2" in out and "has no assistant turn" in out, out
+    assert "row 0" not in out and "row 1" not in out
+    # the good rows alone validate, and --show renders the first as ChatML with its system message
+    data.write_text("".join(json.dumps(row) + "\n" for row in TURNS_ROWS[:2]), encoding="utf-8")
+    result = run_qtune("validate", config, "--show", "1", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "<|im_start|>system" in result.stdout and "What is 2+2?" in result.stdout
