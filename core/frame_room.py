@@ -8,9 +8,9 @@ the boundaries fall depends on how deep the caller's stack is: `qtune run` (CLI,
 gh-145789, backported to 3.13 on 2026-03-18); 3.11 and 3.12 do not, and the GPU machines run 3.12.
 
 Measured on an H200 (Python 3.12; docs/benchmarks.md, 2026-12-02 17:43, the seed workload, three
-processes taking turns step by step): `qtune run` from this frame made 2.9% and 2.8% more tokens/s
-than without it, in both groups; on an H100 it cut the main thread's page faults per optimizer step
-from 6,994 to 2,228, the notebook's level.
+processes taking turns step by step): `qtune run` from this frame made 3.0% and 2.9% more tokens/s
+than without it, in both groups; on an H100 it cut the main thread's page faults per optimizer
+step from 6,994 to 2,228, the notebook's level.
 """
 
 from __future__ import annotations
