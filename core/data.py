@@ -97,9 +97,8 @@ def detect_format(columns: list[str], fields: dict[str, str], first_row: Optiona
     from .plugin_manager import get_host
 
     host = get_host()
-    formats = [host.data_formats.get(name) for name in host.data_formats.items]  # registration order: built-ins first
     found = []
-    for fmt in formats:
+    for fmt in host.data_formats.items.values():  # registration order, built-ins first: max() keeps the first of a tie
         if conversations and not fmt.conversations:
             continue
         with host.guard_item(host.data_formats, fmt.name, f"detecting the {fmt.name!r} format"):
