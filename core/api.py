@@ -33,6 +33,7 @@ from .types import (
     ExportResult,
     ModelEntry,
     PromptTemplate,
+    Tracker,
     TrainingCallback,
 )
 from .verify import (
@@ -49,7 +50,7 @@ from .verify import (
 __all__ = [
     "ADAPTER_DIR", "CHECKPOINTS_DIR", "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "GIB", "PLAIN_KERNELS", "RUNNING_FILE",
     "Backend", "ChatTemplate", "ConfigError", "DataFormat", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun", "MemoryTraits",
-    "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "TrainingCallback",
+    "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "Tracker", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_capability", "cuda_device_count", "cuda_if_present",
     "cuda_total_memory_gib", "current_memory_gib", "describe", "disable_bnb_cpu_repacking", "export_device", "first_line",
     "free_memory", "hookimpl", "last_complete_checkpoint", "load_merged", "missing_modules", "missing_path_reason", "nf4_config",

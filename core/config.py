@@ -122,7 +122,7 @@ class TrainingConfig(Section):
     early_stopping_patience: int = Field(0, ge=0)
     #: how much lower than the best so far a validation loss must be to count as an improvement
     early_stopping_threshold: float = Field(0.0, ge=0)
-    #: experiment trackers fed through transformers' integrations: tensorboard, trackio, wandb, mlflow, ...
+    #: experiment trackers (tracker plugins: tensorboard, trackio, wandb, mlflow, ...; `qtune plugins` lists them)
     report_to: list[str] = Field(default_factory=list)
 
     @field_validator("report_to", mode="before")
@@ -137,14 +137,7 @@ class TrainingConfig(Section):
 
     @field_validator("report_to")
     @classmethod
-    def _known_trackers(cls, value: list[str]) -> list[str]:
-        from .trackers import TRACKERS
-
-        for name in value:
-            if name not in TRACKERS:
-                close = difflib.get_close_matches(name, list(TRACKERS), n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(TRACKERS)}"
-                raise ValueError(f"training.report_to: unknown tracker {name!r}; {hint}")
+    def _each_once(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
 
@@ -377,7 +370,7 @@ def _fields_at(loc: list[str]) -> list[str]:
 
 
 def check_plugin_names(config: Config) -> None:
-    """Refuse names no loaded plugin provides (template, loader, backend, callbacks, exports)."""
+    """Refuse names no loaded plugin provides (template, loader, format, backend, callbacks, trackers, exports)."""
     from .plugin_manager import get_host, normalize_format, suggest
 
     host = get_host()
@@ -389,6 +382,7 @@ def check_plugin_names(config: Config) -> None:
     if config.dataset.format != "auto":
         checks.append(("dataset.format", config.dataset.format, host.data_formats))
     checks += [(f"callbacks[{i}].name", c.name, host.callbacks) for i, c in enumerate(config.callbacks)]
+    checks += [("training.report_to", name, host.trackers) for name in config.training.report_to]
     for path, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"unknown {registry.kind} {name!r} at {path!r}{suggest(name, registry.items)}")

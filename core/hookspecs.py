@@ -42,6 +42,11 @@ def register_callbacks(register):
 
 
 @hookspec
+def register_trackers(register):
+    """Register experiment trackers (``training.report_to``): ``register(tracker)`` with a :class:`qtune.types.Tracker`."""
+
+
+@hookspec
 def register_exporters(register):
     """Register exporters: ``register(exporter)`` with a :class:`qtune.types.Exporter`."""
 

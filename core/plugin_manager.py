@@ -39,6 +39,7 @@ BUILTIN_PLUGINS = (
     "qtune.plugins.unsloth_backend",
     "qtune.plugins.memory_monitor",
     "qtune.plugins.progress",
+    "qtune.plugins.trackers",
     "qtune.plugins.hf_exports",
     "qtune.plugins.gguf_export",
     "qtune.plugins.reports",
@@ -130,6 +131,7 @@ class PluginHost:
         self.models = self._collect("model", "register_models")
         self.backends = self._collect("backend", "register_backends")
         self.callbacks = self._collect("callback", "register_callbacks")
+        self.trackers = self._collect("tracker", "register_trackers")
         self.exporters = self._collect("export format", "register_exporters")
 
     def _load_entry_points(self) -> None:

@@ -175,13 +175,23 @@ def check_settings(report: Report, resuming: bool = False) -> None:
 
 
 def _check_trackers(report: Report) -> None:
-    from .trackers import missing_tracker
+    """Each tracker's package can be imported (found without importing it: wandb or mlflow take seconds)."""
+    from .plugin_manager import get_host
 
     for name in report.config.training.report_to:
-        requirement = missing_tracker(name)
-        if requirement is not None:
+        tracker = get_host().trackers.get(name)
+        if tracker.modules and not any(_find_spec(module) for module in tracker.modules):
             report.add(ERROR, "training.report_to", f"tracker {name!r} is not installed",
-                       f"install it with `pip install {requirement}` or take it out of the list")
+                       f"install it with `pip install {tracker.requirement or tracker.modules[0]}` or take it out of the list")
+
+
+def _find_spec(module: str):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        return None
 
 
 def _check_output(report: Report) -> None:

@@ -59,6 +59,9 @@ def sft_config(run: RunContext, model, validate: bool = False) -> Any:
     dtype = getattr(model, "dtype", None)
     import torch
 
+    from .plugin_manager import get_host
+
+    trackers = [get_host().trackers.get(name) for name in t.report_to]
     optim = t.optim
     if not on_gpu and "8bit" in optim:
         # bitsandbytes' 8-bit optimizers need CUDA; their 32-bit twin keeps the update rule.
@@ -90,7 +93,8 @@ def sft_config(run: RunContext, model, validate: bool = False) -> Any:
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to=[name for name in t.report_to if name != "tensorboard"] or "none",  # train() adds TensorBoard itself
+        # transformers' integrations by their names; the other trackers come in as tracker_callbacks
+        report_to=[tracker.integration for tracker in trackers if tracker.integration] or "none",
         run_name=run.run_dir.name,
         disable_tqdm=True,
         dataset_num_proc=None,
@@ -129,6 +133,19 @@ def call_callbacks(callbacks: list[TrainingCallback], event: str, *args: Any) ->
         name = getattr(cb, "name", type(cb).__name__)
         with host.guard_item(host.callbacks, name, f"{event} of callback {name!r}"):
             getattr(cb, event)(*args)
+
+
+def tracker_callbacks(run: RunContext) -> list[Any]:
+    """The TrainerCallbacks of the trackers ``training.report_to`` names; a plugin's exception
+    becomes one line naming it."""
+    from .plugin_manager import get_host
+
+    host = get_host()
+    callbacks = []
+    for name in run.config.training.report_to:
+        with host.guard_item(host.trackers, name, f"starting tracker {name!r}"):
+            callbacks += host.trackers.get(name).callbacks(run)
+    return callbacks
 
 
 def all_finite(tensors) -> bool:
@@ -422,8 +439,6 @@ def train(
     validation loss."""
     from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTTrainer
-
-    from .trackers import tracker_callbacks
 
     t = run.config.training
     bridge = make_bridge(run, callbacks, eval_rows=len(eval_dataset) if eval_dataset is not None else 0)

@@ -323,6 +323,28 @@ class TrainingCallback:
     def on_error(self, run: RunContext, error: BaseException) -> None: ...
 
 
+class Tracker:
+    """An experiment tracker that ``training.report_to`` names. It logs what the trainer logs (the
+    loss, learning rate, grad norm, validation loss, and qtune's tokens/s and memory) through
+    transformers' callback interface: either transformers' own integration of that name
+    (``integration``) or the ``TrainerCallback`` objects :meth:`callbacks` returns.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: modules of which one must be importable (looked up, not imported, before any model loads)
+    modules: ClassVar[tuple[str, ...]] = ()
+    #: what ``pip install`` gives one of ``modules``
+    requirement: ClassVar[str] = ""
+    #: transformers' ``report_to`` name when transformers' integration does the logging, else None
+    integration: ClassVar[str | None] = None
+
+    def callbacks(self, run: RunContext) -> list[Any]:
+        """``transformers.TrainerCallback`` instances to add to this run's trainer, on every process
+        (log where ``state.is_world_process_zero``). Import transformers inside."""
+        return []
+
+
 @dataclass
 class ExportResult:
     """What ``Exporter.export`` returns: the format, the folder (or file) written, the files in it

@@ -338,7 +338,8 @@ def plugins(as_json: bool):
         table.add_row(row["name"], row["distribution"], row["version"], ", ".join(row["hooks"]))
     out = console()
     out.print(table)
-    registries = [host.templates, host.dataset_loaders, host.data_formats, host.models, host.backends, host.callbacks, host.exporters]
+    registries = [host.templates, host.dataset_loaders, host.data_formats, host.models, host.backends, host.callbacks, host.trackers,
+                  host.exporters]
     for registry in registries:
         out.print(f"[bold]{registry.kind}s:[/] {', '.join(registry) or '-'}")
 

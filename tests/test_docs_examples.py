@@ -5,6 +5,7 @@ passes, the same exporter broken so that its verify fails, and plugins that fail
 from __future__ import annotations
 
 import csv
+import functools
 import json
 
 import pytest
@@ -25,13 +26,13 @@ def plugin_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def doc_run(tmp_path_factory, tiny_qwen_dir, plugin_dir):
-    """A tiny LoRA run with the docs' template, loader, backend and callback."""
+    """A tiny LoRA run with the docs' template, loader, backend, callback and tracker."""
     tmp = tmp_path_factory.mktemp("doc-run")
     data = tmp / "qa.txt"
     data.write_text("".join(f"{row['instruction']}\t{row['output']}\n" for row in ALPACA_ROWS), encoding="utf-8")
     config = tiny_run_config(tmp, tiny_qwen_dir, data, name="docs", template="vicuna-docs",
                              model={"backend": "fp32-docs"}, dataset={"loader": "qa-lines"},
-                             training={"max_steps": 3}, callbacks=["memory_monitor", {"name": "loss_csv", "options": {"filename": "losses.csv"}}])
+                             training={"max_steps": 3, "report_to": ["csv"]}, callbacks=["memory_monitor", {"name": "loss_csv", "options": {"filename": "losses.csv"}}])
     result = run_qtune("run", config, "--no-progress", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp / "runs" / "docs"
@@ -40,7 +41,7 @@ def doc_run(tmp_path_factory, tiny_qwen_dir, plugin_dir):
 def test_the_examples_register_what_the_docs_say(plugin_dir):
     result = run_qtune("plugins", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)})
     assert result.returncode == 0, result.stderr
-    for name in ("vicuna-docs", "qa-lines", "turns", "my-qwen-0.5b", "fp32-docs", "loss_csv", "lora-fp16"):
+    for name in ("vicuna-docs", "qa-lines", "turns", "my-qwen-0.5b", "fp32-docs", "loss_csv", "csv", "lora-fp16"):
         assert name in result.stdout
     models = json.loads(run_qtune("models", "--json", env={"QTUNE_PLUGINS_DIR": str(plugin_dir)}).stdout)
     mine = next(row for row in models if row["name"] == "my-qwen-0.5b")
@@ -56,6 +57,18 @@ def test_a_run_with_the_docs_template_loader_backend_and_callback(doc_run):
     assert len(losses) == 3
     summary = json.loads((doc_run / "summary.json").read_text())
     assert summary["loss_csv"].endswith("losses.csv")
+
+
+def test_the_docs_tracker_gets_what_the_trainer_logs(doc_run):
+    logged = {}
+    for row in csv.DictReader((doc_run / "log.csv").open()):
+        logged.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
+    records = read_metrics(doc_run)
+    # the tracker's numbers are the ones metrics.jsonl holds, qtune's tokens/s and memory included
+    for key in ("loss", "learning_rate", "tokens_per_second", "memory_gib"):
+        expected = [(m["step"], m[key]) for m in records if key in m]
+        assert len(expected) == 3 and [s for s, _ in logged[key]] == [s for s, _ in expected], key
+        assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for (_, a), (_, b) in zip(logged[key], expected, strict=True)), key
 
 
 def test_the_docs_command_counts_the_adapter(doc_run, plugin_dir):
@@ -111,6 +124,11 @@ FAILING = {
                     "    def detect(self, columns, fields, first_row):\n        return first_row['nope']\n\n"
                     "@hookimpl\ndef register_data_formats(register):\n    register(F())\n",
                     ["validate", "{config}"], "failed in detecting the 'bad' format: KeyError: 'nope'"),
+    "tracker": ("from qtune.api import Tracker, hookimpl\n\nclass T(Tracker):\n    name = 'bad'\n"
+                "    def callbacks(self, run):\n        return 1 / 0\n\n"
+                "@hookimpl\ndef register_trackers(register):\n    register(T())\n",
+                ["run", "{config}", "--no-progress", "--set", "training.report_to=bad", "--set", "training.output_dir={out}"],
+                "failed in starting tracker 'bad': ZeroDivisionError: division by zero"),
     "export": ("from qtune.api import Exporter, hookimpl\n\nclass E(Exporter):\n    name = 'bad'\n"
                "    def export(self, run, out_dir, quantization):\n        return 1 / 0\n\n"
                "@hookimpl\ndef register_exporters(register):\n    register(E())\n",
@@ -132,7 +150,8 @@ def test_a_failing_plugin_ends_in_one_line_naming_it(where, doc_run, tmp_path):
     env = {"QTUNE_PLUGINS_DIR": str(tmp_path)}
 
     def command(attempt):
-        return [{"{run}": str(doc_run), "{out}": str(tmp_path / f"out-{attempt}"), "{config}": str(config)}.get(a, a) for a in args]
+        tokens = {"{run}": str(doc_run), "{out}": str(tmp_path / f"out-{attempt}"), "{config}": str(config)}
+        return [functools.reduce(lambda text, token: text.replace(token, tokens[token]), tokens, a) for a in args]
 
     # a config of the built-ins alone, on the docs run's base model and Alpaca rows
     import yaml

@@ -56,4 +56,4 @@ def test_an_unknown_tracker_is_refused_with_the_closest_name(tmp_path, tiny_qwen
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     config = tiny_run_config(tmp_path, tiny_qwen_dir, data, training={"report_to": ["tensorbord"]})
     line = one_line_error(run_qtune("run", config))
-    assert "unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in line
+    assert line == "Error: unknown tracker 'tensorbord' at 'training.report_to'; did you mean 'tensorboard'?"
