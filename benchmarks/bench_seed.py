@@ -10,7 +10,7 @@ real tokenizer and the 999 Alpaca rows twice over. Figures over the steps after 
 tokens/s, s/step and the process's peak reserved GPU memory.
 
 --setups lists setups in order; digits repeat one (a2). A group joined by + (a+b) takes turns, one
-optimizer step each (class Turns), so both meet the host's drifting speed a second apart: compare (b)
+optimizer step each (benchmarks/turns.py), so both meet the host's drifting speed a second apart: compare (b)
 with (a) only so. docs/benchmarks.md has the recipe: `prepare` here, then on the GPU (carry .bench,
 .gpu-bundle) `python3 benchmarks/bench_seed.py run --setups c,a+b,b2+a2 --out $OUT`. It prints a table
 last and writes bench_seed.json and bench_logs.txt; numbers compare only inside one call.
@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
-import subprocess
 import sys
 import time
-from importlib import metadata
 from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoints  # noqa: E402  (benchmarks/checkpoints.py, next to this script)
+from turns import Turns, prepare_turns, run_jobs  # noqa: E402  (benchmarks/turns.py)
 
 HERE = Path(__file__).resolve().parent
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/qtune-bench"))
@@ -55,45 +53,6 @@ ALPACA_PROMPT = """Below is an instruction that describes a task, paired with an
 
 
 # --------------------------------------------------------------------------- in each setup's process
-
-
-class Turns:
-    """Optimizer steps taken in turns by the members of a group: a token goes round a ring of FIFOs,
-    and only the process holding it trains.
-
-    The parent writes the first token into the first member's FIFO (BENCH_TURN_IN) and keeps it open;
-    each member passes the token to the next (BENCH_TURN_OUT) at every step's end, then waits for it
-    to come back, until its last step (BENCH_TURN_LAST). A partner that dies ends the turns after
-    ``patience`` seconds: the member then trains on alone, and its result says at which step.
-    """
-
-    def __init__(self, mine: str, next_member: str, last_step: int, patience: float = 300.0) -> None:
-        # O_RDWR: opening a FIFO so never blocks, and the token outlives a writer that closed
-        self.inbox = os.open(mine, os.O_RDWR)
-        self.outbox = os.open(next_member, os.O_RDWR)
-        self.last_step, self.patience = last_step, patience
-        self.holding, self.waited_s, self.broken_at = False, 0.0, None
-
-    def step_end(self, step: int) -> None:
-        if self.broken_at is not None:
-            return
-        if self.holding:
-            os.write(self.outbox, b"t")
-            self.holding = False
-        if step >= self.last_step:
-            return
-        started = time.perf_counter()
-        if select.select([self.inbox], [], [], self.patience)[0]:
-            os.read(self.inbox, 1)
-            self.holding = True
-        else:
-            self.broken_at = step
-        self.waited_s += time.perf_counter() - started
-
-    @classmethod
-    def from_env(cls) -> Turns | None:
-        env = os.environ
-        return cls(env["BENCH_TURN_IN"], env["BENCH_TURN_OUT"], int(env["BENCH_TURN_LAST"])) if env.get("BENCH_TURN_IN") else None
 
 
 class StepTimer:
@@ -257,17 +216,6 @@ def worker_transformers(args: dict) -> dict:
                             args=sft_args(args["steps"], True, padding_free=False), train_dataset=text_dataset(args["data"], tokenizer.eos_token))
 
 
-def worker_build(dest: str, shape: str) -> None:
-    import torch
-
-    facts = checkpoints.build(Path(dest), shape, nf4=torch.cuda.is_available())
-    if torch.cuda.is_available():
-        facts.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(torch.cuda.get_device_properties(0).total_memory / GIB, 1))
-    names = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "unsloth", "unsloth_zoo", "qtune")
-    installed = {d.metadata["Name"].lower().replace("-", "_"): d.version for d in metadata.distributions()}
-    print(json.dumps(facts | {name: installed.get(name) for name in names} | {"cuda": torch.version.cuda}))
-
-
 # --------------------------------------------------------------------------- the run's parent
 
 
@@ -280,15 +228,6 @@ def prepare() -> None:
     print(f"prepared {checkpoints.BENCH_DIR} ({size / 1e6:.1f} MB): carry '.bench' in the GPU call")
 
 
-def qtune_config(path: Path, name: str, model: Path, data: Path, steps: int, profile: str, smoke: bool) -> None:
-    """The seed config (every other key at its default), pointed at the benchmark's checkpoint and data."""
-    training = {"max_steps": steps, "output_dir": str(WORK / "runs"), "profile": profile}
-    if smoke:  # a CPU smoke run: one micro-batch a step
-        training["gradient_accumulation_steps"] = 1
-    path.write_text(f"name: {name}\nmodel: {{name: {str(model)!r}}}\ndataset: {{path: {str(data)!r}}}\n"
-                    f"training: {json.dumps(training)}\ncallbacks: [memory_monitor, bench_timer]\n")
-
-
 def setup_job(setup: str, opts, env: dict, model: Path, data: Path) -> dict:
     """The command, environment and result file of one setup: its letter, then digits for repeats."""
     letter = setup.rstrip("0123456789")
@@ -298,55 +237,15 @@ def setup_job(setup: str, opts, env: dict, model: Path, data: Path) -> dict:
         args = json.dumps({"model": str(model), "data": str(data), "steps": opts.steps, "warmup": opts.warmup})
         cmd = [sys.executable, __file__, "_notebook" if letter == "a" else "_transformers", args]
     else:
+        # the seed config (every other key at its default), pointed at the benchmark's checkpoint and data
+        training = {"max_steps": opts.steps, "output_dir": str(WORK / "runs"), "profile": "seed" if letter == "b" else "fast"}
+        if opts.shape == "tiny":  # a CPU smoke run: one micro-batch a step
+            training["gradient_accumulation_steps"] = 1
         config = WORK / f"config-{setup}.yaml"
-        qtune_config(config, f"bench-{setup}", model, data, opts.steps, "seed" if letter == "b" else "fast", opts.shape == "tiny")
+        config.write_text(f"name: bench-{setup}\nmodel: {{name: {str(model)!r}}}\ndataset: {{path: {str(data)!r}}}\n"
+                          f"training: {json.dumps(training)}\ncallbacks: [memory_monitor, bench_timer]\n")
         cmd = [sys.executable, "-c", "import sys; from qtune_cli.main import main; main(sys.argv[1:])", "run", str(config)]
     return {"cmd": cmd, "env": dict(env, BENCH_RESULT=str(result_file)), "result_file": result_file, "label": SETUPS[letter]}
-
-
-def prepare_turns(members: list[str], jobs: list[dict], steps: int) -> int:
-    """A FIFO per member, each member's env naming its own and the next one's, and the first token in
-    the first member's FIFO. Returns the descriptor that keeps the token alive (a FIFO's data goes
-    when its last open end closes): close it when the group is done."""
-    fifos = []
-    for setup in members:
-        fifos.append(WORK / f"turn-{setup}")
-        fifos[-1].unlink(missing_ok=True)
-        os.mkfifo(fifos[-1])
-    for i, job in enumerate(jobs):
-        job["env"].update(BENCH_TURN_IN=str(fifos[i]), BENCH_TURN_OUT=str(fifos[(i + 1) % len(fifos)]), BENCH_TURN_LAST=str(steps))
-    token = os.open(fifos[0], os.O_RDWR)
-    os.write(token, b"t")
-    return token
-
-
-def run_jobs(names: list[str], jobs: list[dict], timeout: float, log: list[str]) -> list[tuple[int, float, str]]:
-    """Start every job at once and wait for all under one deadline: (exit status, seconds, output)
-    for each, exit status 124 for one stopped at the deadline."""
-    started = time.perf_counter()
-    print(f"--- {' + '.join(names)} (timeout {timeout:.0f} s)", flush=True)
-    procs = []
-    for name, job in zip(names, jobs, strict=True):
-        logfile = open(WORK / f"log-{name}.txt", "w+")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen(job["cmd"], stdout=logfile, stderr=subprocess.STDOUT, env=job["env"], cwd=WORK), logfile))
-    outcomes = []
-    for name, (proc, logfile) in zip(names, procs, strict=True):
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = 124
-        wall = time.perf_counter() - started
-        with logfile:
-            logfile.seek(0)
-            output = logfile.read()
-        log.append(f"===== {name} rc={rc} wall={wall:.1f}s =====\n" + "\n".join(output.splitlines()[-120:]))
-        print(f"    {name}: rc={rc} wall={wall:.1f} s", flush=True)
-        if rc != 0:
-            print("\n".join(output.splitlines()[-25:]), flush=True)
-        outcomes.append((rc, wall, output))
-    return outcomes
 
 
 def run(opts) -> int:
@@ -368,7 +267,7 @@ def run(opts) -> int:
     log: list[str] = []
 
     model = WORK / f"qwen2.5-{opts.shape}-shape"
-    [(rc, wall, output)] = run_jobs(["build"], [{"cmd": [sys.executable, __file__, "_build", str(model), opts.shape], "env": env}], 300, log)
+    [(rc, wall, output)] = run_jobs(WORK, ["build"], [{"cmd": [sys.executable, __file__, "_build", str(model), opts.shape], "env": env}], 300, log)
     report["build"] = {"rc": rc, "wall_s": round(wall, 1)} | next((json.loads(x) for x in output.splitlines() if x.startswith("{")), {})
     if rc != 0:
         return finish(report, log, out_dir)
@@ -383,9 +282,9 @@ def run(opts) -> int:
         if len(jobs) > 1:
             for slot, job in enumerate(jobs):  # Unsloth writes its generated modules there: one folder each
                 job["env"]["UNSLOTH_COMPILE_LOCATION"] = str(WORK / f"unsloth_compiled_cache_{slot}")
-            token = prepare_turns(members, jobs, opts.steps)
+            token = prepare_turns(WORK, members, jobs, opts.steps)
         try:
-            outcomes = run_jobs(members, jobs, opts.deadline_s - elapsed, log)
+            outcomes = run_jobs(WORK, members, jobs, opts.deadline_s - elapsed, log)
         finally:
             if token is not None:
                 os.close(token)
@@ -456,7 +355,9 @@ def finish(report: dict, log: list[str], out_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_build"]:
-        worker_build(argv[1], argv[2])
+        import torch
+
+        print(json.dumps(checkpoints.build(Path(argv[1]), argv[2], nf4=torch.cuda.is_available())))
         return 0
     if argv[:1] in (["_notebook"], ["_transformers"]):
         result = (worker_notebook if argv[0] == "_notebook" else worker_transformers)(json.loads(argv[1]))

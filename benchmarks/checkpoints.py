@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 # The Qwen2.5 tokenizer and shapes are test fixtures (tests/assets.py).
@@ -89,7 +90,19 @@ def build(dest: Path, shape: str, nf4: bool = False, tokenizer_dir: Path | None 
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, dest / name)
     return {"shape": shape, "params": params, "nf4": nf4, "device": device, "build_s": round(time.perf_counter() - started, 1),
-            "checkpoint_gib": round(sum(f.stat().st_size for f in dest.glob("*.safetensors")) / GIB, 3)}
+            "checkpoint_gib": round(sum(f.stat().st_size for f in dest.glob("*.safetensors")) / GIB, 3)} | machine()
+
+
+def machine() -> dict:
+    """The GPU and the versions that ran: what a report's reader needs to compare two calls."""
+    import torch
+
+    facts = {"cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        facts.update(gpu=torch.cuda.get_device_name(0), gpu_total_gib=round(torch.cuda.get_device_properties(0).total_memory / GIB, 1))
+    installed = {d.metadata["Name"].lower().replace("-", "_"): d.version for d in metadata.distributions()}
+    names = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "unsloth", "unsloth_zoo", "qtune")
+    return facts | {name: installed.get(name) for name in names}
 
 
 def run_qtune(work: Path, name: str, config: dict, warmup: int = 0, timeout: float = 240) -> dict:

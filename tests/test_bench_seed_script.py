@@ -77,10 +77,10 @@ def test_run_jobs_runs_them_at_once_and_stops_them_at_the_deadline(bench):
     log: list[str] = []
     sleep = [sys.executable, "-c", "import time; time.sleep(1); print('done')"]
     started = bench.time.perf_counter()
-    outcomes = bench.run_jobs(["x", "y"], [{"cmd": sleep, "env": dict(os.environ)}] * 2, 60, log)
+    outcomes = bench.run_jobs(bench.WORK, ["x", "y"], [{"cmd": sleep, "env": dict(os.environ)}] * 2, 60, log)
     assert [(rc, out.strip()) for rc, _, out in outcomes] == [(0, "done"), (0, "done")]
     assert bench.time.perf_counter() - started < 1.9  # together, not one after the other
-    [(rc, wall, _)] = bench.run_jobs(["slow"], [{"cmd": [sys.executable, "-c", "import time; time.sleep(30)"], "env": dict(os.environ)}], 1, log)
+    [(rc, wall, _)] = bench.run_jobs(bench.WORK, ["slow"], [{"cmd": [sys.executable, "-c", "import time; time.sleep(30)"], "env": dict(os.environ)}], 1, log)
     assert rc == 124 and wall < 20 and len(log) == 3
 
 
@@ -106,9 +106,9 @@ def test_turns_let_one_member_train_at_a_time_step_by_step(bench, tmp_path):
     log_file = tmp_path / "steps.txt"
     code = TURN_MEMBER.format(script=str(SCRIPT))
     jobs = [{"cmd": [sys.executable, "-c", code, m, str(log_file)], "env": dict(os.environ)} for m in members]
-    token = bench.prepare_turns(members, jobs, steps=5)
+    token = bench.prepare_turns(bench.WORK, members, jobs, steps=5)
     try:
-        outcomes = bench.run_jobs(members, jobs, 120, [])
+        outcomes = bench.run_jobs(bench.WORK, members, jobs, 120, [])
     finally:
         os.close(token)
     assert [rc for rc, _, _ in outcomes] == [0, 0], outcomes
