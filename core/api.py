@@ -10,10 +10,12 @@ run folders); one-line errors (errors); files written so that a crash leaves not
 (fsutil); the machine (backends: packages and GPUs; memory); model shapes, the memory estimate and
 the backends' memory traits (profiles); the base model's 4-bit quantization and the merged model
 full-weight exporters start from (quantization, merge); checking an export against the trained model
-(verify); a conversation as a chat template trains it (data).
+(verify); the roles a conversation's messages may have (chat) and a conversation as a chat template
+trains it (data).
 """
 
 from .backends import cuda_capability, cuda_device_count, cuda_total_memory_gib, missing_modules
+from .chat import ROLES
 from .data import tokenize_chat_example
 from .errors import ConfigError, QtuneError, describe, first_line
 from .fsutil import atomic_dir, atomic_file, check_free_space, missing_path_reason, read_json_dict
@@ -48,7 +50,7 @@ from .verify import (
 )
 
 __all__ = [
-    "ADAPTER_DIR", "CHECKPOINTS_DIR", "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "GIB", "PLAIN_KERNELS", "RUNNING_FILE",
+    "ADAPTER_DIR", "CHECKPOINTS_DIR", "DEFAULT_SHARD_SIZE", "DTYPES", "FUSED_KERNELS", "GIB", "PLAIN_KERNELS", "ROLES", "RUNNING_FILE",
     "Backend", "ChatTemplate", "ConfigError", "DataFormat", "DatasetLoader", "ExportResult", "Exporter", "FinishedRun", "MemoryTraits",
     "ModelEntry", "ModelShape", "PromptResult", "PromptTemplate", "QtuneError", "Reference", "RunContext", "Tracker", "TrainingCallback",
     "VerifyReport", "atomic_dir", "atomic_file", "cache_dir", "check_free_space", "cuda_capability", "cuda_device_count", "cuda_if_present",

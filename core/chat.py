@@ -30,6 +30,7 @@ from typing import Any, Optional
 from .errors import QtuneError
 
 IGNORE_INDEX = -100
+#: the roles a conversation's messages may have (the data format contract)
 ROLES = ("system", "user", "assistant", "tool")
 #: the columns of conversation rows, as data formats return them (:class:`qtune.types.DataFormat`)
 MESSAGES, TOOLS = "messages", "tools"
@@ -60,11 +61,14 @@ def _parse_json(value: Any) -> Any:
 
 
 def order_problem(messages: list[dict]) -> str:
-    """What is wrong with the order of roles, or ''. An optional system message first, then user and
-    assistant turns alternating; tool messages answer an assistant turn and are followed by one."""
+    """What is wrong with the roles, or ''. Each one of :data:`ROLES`; an optional system message first,
+    then user and assistant turns alternating; tool messages answer an assistant turn and are followed by one."""
     roles = [m["role"] for m in messages]
     if not roles:
         return "has no messages"
+    unknown = next((index for index, role in enumerate(roles) if role not in ROLES), None)
+    if unknown is not None:  # a data format outside the contract (a third party's)
+        return f"message {unknown} has role {roles[unknown]!r}; roles are {', '.join(ROLES)}"
     if "assistant" not in roles:
         return "has no assistant turn, so nothing would be trained"
     previous = None

@@ -11,7 +11,7 @@ import contextlib
 import json
 from typing import Any, Optional
 
-from qtune.api import DataFormat, QtuneError, hookimpl
+from qtune.api import ROLES, DataFormat, QtuneError, hookimpl
 
 #: ShareGPT speaker names (``from``) and the roles they become. ``function_call`` is the assistant
 #: calling a tool (its text is the call) and ``observation`` the tool's answer, as in LLaMA-Factory.
@@ -26,7 +26,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "function": "tool",
 }
-ROLES = ("system", "user", "assistant", "tool")
 #: the column a conversation comes in, by format (``dataset.fields.messages`` names another)
 CONVERSATION_COLUMNS = {"messages": "messages", "sharegpt": "conversations"}
 #: the dataset.fields keys a conversation format maps

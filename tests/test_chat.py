@@ -280,6 +280,7 @@ def test_sharegpt_speakers_become_roles_and_function_calls_become_tool_calls():
      "two user messages in a row"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}],
      "system message at position 1"),
+    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "message 1 has role 'bot'; roles are system, user"),
 ])
 def test_roles_out_of_order_are_named(messages, problem):
     assert problem in order_problem(messages)

@@ -199,3 +199,21 @@ def test_the_docs_data_format_reads_conversations(plugin_dir, tiny_qwen_dir, tmp
     result = run_qtune("validate", config, "--show", "1", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<|im_start|>system" in result.stdout and "What is 2+2?" in result.stdout
+
+
+def test_a_format_that_returns_an_unknown_role_is_caught_by_the_core(tiny_qwen_dir, tmp_path):
+    # A third party's slip: the docs' turns format with its assistant role misspelt. The core checks
+    # the roles of every format's rows, so validate names the row instead of training on it.
+    code = doc_examples()["turns_format.py"]
+    assert '"assistant"' in code
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "turns_format.py").write_text(code.replace('"assistant"', '"asistant"'), encoding="utf-8")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in TURNS_ROWS[:2]), encoding="utf-8")
+    config = tiny_run_config(tmp_path, tiny_qwen_dir, data, template="chatml")
+    result = run_qtune("validate", config, env={"QTUNE_PLUGINS_DIR": str(plugins), "COLUMNS": "200"})
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out
+    assert "row 0" in out and "message 2 has role 'asistant'; roles are system, user, assistant, tool" in out, out
+    assert "row 1" in out and "message 1 has role 'asistant'" in out, out
