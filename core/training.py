@@ -10,12 +10,11 @@ advice; a checkpoint counts only once complete (see :func:`qtune.run.checkpoint_
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +213,6 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: i
             #: checkpoint) and, on the device, of the steps since: what the trainer's train_loss sums
             self.loss_before = 0.0
             self.loss_since: Any = 0.0
-            #: Ctrl-C was pressed (:func:`interrupt_between_steps`): stop at this step's end
-            self.interrupt_requested = False
 
         def state(self) -> dict:
             return {"args": {}, "attributes": {LOSS_SUM: self.loss_before + float(self.loss_since)}}
@@ -266,8 +263,6 @@ def make_bridge(run: RunContext, callbacks: list[TrainingCallback], eval_rows: i
             call_callbacks(callbacks, "on_train_start", run)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.interrupt_requested:
-                raise KeyboardInterrupt
             # Runs after the optimizer step and before the step is logged or saved: a NaN here never
             # reaches a checkpoint. One device sync covers the weights and the step's losses.
             losses, self.step_losses = self.step_losses, []
@@ -386,33 +381,6 @@ def out_of_memory_error(error: BaseException, config, during: str = "training") 
 # --------------------------------------------------------------------------- checkpoints
 
 
-@contextlib.contextmanager
-def interrupt_between_steps(bridge) -> Iterator[None]:
-    """Ctrl-C during training stops at the end of the optimizer step under way: the SIGINT handler
-    only takes note, and the bridge raises KeyboardInterrupt in its ``on_step_end``. Raised wherever
-    the signal lands, a KeyboardInterrupt can be lost (inside a finalizer, CPython prints "Exception
-    ignored" and goes on): in the suite, under load, a run sent SIGINT after its checkpoint-2 trained
-    on to its last step. A second Ctrl-C raises at once. Left alone when another handler is set, or
-    off the main thread (signal handlers belong to the main thread)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-
-    def take_note(signum, frame):
-        if bridge.interrupt_requested:
-            raise KeyboardInterrupt
-        bridge.interrupt_requested = True
-
-    signal.signal(signal.SIGINT, take_note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def checkpoint_loss_sum(path: Path) -> float:
     """The summed training losses up to the checkpoint ``path`` (see :data:`LOSS_SUM`); 0.0 for a
     checkpoint written by a qtune that did not record it."""
@@ -462,8 +430,7 @@ def train(
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     try:
-        with interrupt_between_steps(bridge):
-            result = call_with_frame_room(trainer.train, resume_from_checkpoint=resume_from)
+        result = call_with_frame_room(trainer.train, resume_from_checkpoint=resume_from)
     except Exception as error:
         if is_out_of_memory(error):
             raise out_of_memory_error(error, run.config) from None

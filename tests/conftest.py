@@ -10,6 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 
 import assets  # noqa: E402
@@ -18,6 +20,11 @@ from qtune.plugins.demo_model import smollm2_135m_instruct  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes several seconds on 2 CPU cores (model conversion or generation)")
+    # The Ctrl-C tests send SIGINT to qtune processes. A shell's background job (`tox ... &`) starts
+    # with SIGINT ignored, and every child would inherit that: Python then keeps it ignored, and the
+    # runs those tests interrupt train on to their last step. The suite's processes get the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
-"""How training calls trainer.train: from the frame room (qtune.frame_room: on CPython 3.11 and 3.12
-a hot loop called from it maps no frame-stack chunks, whatever the caller's depth), with Ctrl-C
-taken at a step's end."""
+"""The training loop's frame room (qtune.frame_room): on CPython 3.11 and 3.12 a hot loop called
+from it maps no frame-stack chunks, whatever the caller's depth."""
 
 from __future__ import annotations
 
@@ -42,31 +41,3 @@ def test_frame_room_stops_cpython_frame_chunk_thrashing():
     assert NEEDS_ROOM and worst >= 1000
     assert max(at_depth(d, call_with_frame_room, hot_loop) for d in range(200)) < 100
     assert call_with_frame_room(lambda a, b=0: a + b, 1, b=2) == 3
-
-
-def test_ctrl_c_during_training_is_noted_then_raised_between_steps():
-    # The first SIGINT only takes note (the bridge raises at the step's end, where nothing can
-    # swallow it); a second raises at once; the default handler comes back afterwards.
-    import os
-    import signal
-    from types import SimpleNamespace
-
-    from qtune.training import interrupt_between_steps
-
-    bridge = SimpleNamespace(interrupt_requested=False)
-    raised_at = None
-    try:
-        with interrupt_between_steps(bridge):
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):  # the handler runs at the next bytecode boundaries
-                pass
-            noted = bridge.interrupt_requested
-            raised_at = "second"
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                pass
-            raised_at = None
-    except KeyboardInterrupt:
-        raised_at = raised_at or "first"
-    assert raised_at == "second" and noted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
