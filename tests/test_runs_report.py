@@ -105,7 +105,7 @@ def test_runs_tells_running_killed_and_resumable_runs_apart(tmp_path, tiny_qwen_
         # Ctrl-C once checkpoint-2 is complete: resumable
         assert _wait_for(lambda: checkpoint_is_complete(root / "interrupted" / "checkpoints" / "checkpoint-2"), procs["interrupted"])
         procs["interrupted"].send_signal(signal.SIGINT)
-        procs["interrupted"].wait(timeout=120)  # a lost Ctrl-C trained on to step 400 here (fixed: interrupt_between_steps)
+        procs["interrupted"].wait(timeout=120)  # SIGINT must be deliverable (conftest: not ignored)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
