@@ -117,7 +117,12 @@ def checked_conversations(rows, plugin: str):
         raise QtuneError(f"{plugin} returned conversation rows without `messages`, `tools` and `problem` columns "
                          f"(it gave {', '.join(sorted(rows.column_names))}); fix the plugin (docs/plugins.md, register_data_formats)")
     rows = rows.rename_column("problem", PROBLEM_COLUMN)
-    return rows.map(lambda row: {PROBLEM_COLUMN: row[PROBLEM_COLUMN] or order_problem(row[MESSAGES])}, desc=None)
+
+    def check(problems, conversations):
+        return {PROBLEM_COLUMN: [problem or order_problem(messages) for problem, messages in zip(problems, conversations, strict=True)]}
+
+    # batched, reading only the two columns: 20,000 ShareGPT rows took 0.1-0.2 s here, against 1.2 s row by row
+    return rows.map(check, input_columns=[PROBLEM_COLUMN, MESSAGES], batched=True, desc=None)
 
 
 def _check_utf8(rows, spec) -> None:
