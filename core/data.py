@@ -121,7 +121,7 @@ def checked_conversations(rows, plugin: str):
     def check(problems, conversations):
         return {PROBLEM_COLUMN: [problem or order_problem(messages) for problem, messages in zip(problems, conversations, strict=True)]}
 
-    # batched, reading only the two columns: 20,000 ShareGPT rows took 0.1-0.2 s here, against 1.2 s row by row
+    # batched, reading only the two columns: 20,000 ShareGPT rows took 0.1-0.2 s, against 1.2 s row by row (2-core CPU, 12-02)
     return rows.map(check, input_columns=[PROBLEM_COLUMN, MESSAGES], batched=True, desc=None)
 
 

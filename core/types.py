@@ -189,7 +189,7 @@ class DataFormat:
             raise NotImplementedError
         from .chat import MESSAGES, TOOLS, conversation_features
 
-        def convert(batch):  # batched: half the time of a row-by-row map (20,000 ShareGPT rows: 0.46 s against 1.07 s)
+        def convert(batch):  # batched: half a row-by-row map's time (20,000 ShareGPT rows, 2-core CPU: 0.46 s against 1.07 s)
             names = list(batch)
             done = [self.conversation(dict(zip(names, values, strict=True)), spec.fields) for values in zip(*batch.values(), strict=True)]
             return {column: [row[column] for row in done] for column in (MESSAGES, TOOLS, "problem")}
